@@ -1,0 +1,458 @@
+"""Checkpoint files: safe readers for PyTorch / safetensors / npz state dicts, conversion of
+official DiT state dicts to Flax parameters, and the project's own Orbax parameter files.
+
+Nothing here executes code from a file. PyTorch `.pt/.pth/.bin` files (the zip format that
+`torch.save` has written since 1.6) are read with a restricted unpickler that can only build
+tensors, ordered dicts and argparse namespaces; any other global in the pickle (os.system,
+builtins.eval, ...) is refused before it is called, with an error naming the file.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import pickle
+import re
+import struct
+import zipfile
+import zlib
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+try:  # bfloat16 for numpy; ships with jax
+    import ml_dtypes
+    _BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+    _BF16 = None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used, with the file and the reason."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that asks for something other than tensor storage."""
+
+
+# ----------------------------------------------------------------------------------------
+# PyTorch zip checkpoints, read without PyTorch
+# ----------------------------------------------------------------------------------------
+
+_TORCH_STORAGE_DTYPES = {
+    "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
+    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": _BF16,
+    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
+}
+
+
+class _StorageType:
+    """Stand-in for torch.XStorage classes: only carries the element dtype."""
+
+    def __init__(self, name: str):
+        self.name, self.dtype = name, _TORCH_STORAGE_DTYPES[name]
+
+
+class Namespace(dict):
+    """What an argparse.Namespace in a checkpoint becomes: a dict with attribute access."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError as e:
+            raise AttributeError(key) from e
+
+    def __setstate__(self, state):
+        self.update(state or {})
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_unused) -> np.ndarray:
+    size, stride = tuple(size), tuple(stride)
+    if not size:
+        return storage[offset].copy()
+    extent = offset + 1 + sum((n - 1) * s for n, s in zip(size, stride) if n > 0)
+    if any(n == 0 for n in size):
+        return np.zeros(size, storage.dtype)
+    if extent > storage.size:
+        raise CheckpointError("a tensor's size/stride points past the end of its storage")
+    item = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
+                                           strides=tuple(s * item for s in stride), writeable=False)
+    return np.array(view)
+
+
+def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *_unused):
+    return data
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("argparse", "Namespace"): Namespace,
+    **{("torch", name): _StorageType(name) for name, dt in _TORCH_STORAGE_DTYPES.items() if dt is not None},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: str, read_record: Callable[[str], bytes]):
+        super().__init__(file)
+        self._path, self._read_record = path, read_record
+        self._storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"{self._path}: refused to load: its pickle asks for the global "
+                f"'{module}.{name}', which a tensor checkpoint never needs (only tensors, "
+                "ordered dicts and argparse namespaces are allowed). Nothing was executed.") from None
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise UnsafeCheckpointError(f"{self._path}: unexpected persistent id {pid!r} in the pickle.")
+        _, storage_type, key, _location, numel = pid
+        if key not in self._storages:
+            raw = self._read_record(f"data/{key}")
+            dtype = storage_type.dtype
+            if len(raw) < numel * dtype.itemsize:
+                raise CheckpointError(f"{self._path}: storage {key} holds {len(raw)} bytes, "
+                                      f"needs {numel * dtype.itemsize} ({numel} x {dtype}); the file is truncated or corrupt.")
+            self._storages[key] = np.frombuffer(raw, dtype=dtype, count=numel)
+        return self._storages[key]
+
+
+def read_torch_file(path: str) -> Any:
+    """Reads a `torch.save` zip file into nested dicts of numpy arrays, without PyTorch."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file.")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        what = ("a legacy (pre-1.6) PyTorch file; re-save it with a current torch.save"
+                if head[:1] == b"\x80" else "not a PyTorch zip checkpoint (or it is truncated)")
+        raise CheckpointError(f"{path}: {what}.")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pkl) != 1:
+                raise CheckpointError(f"{path}: no data.pkl record; not a torch.save checkpoint.")
+            prefix = pkl[0][: -len("data.pkl")]
+            byteorder = archive.read(prefix + "byteorder").decode() if prefix + "byteorder" in names else "little"
+            if byteorder != "little":
+                raise CheckpointError(f"{path}: big-endian checkpoints are not supported.")
+
+            def read_record(name: str) -> bytes:
+                try:
+                    return archive.read(prefix + name)
+                except KeyError:
+                    raise CheckpointError(f"{path}: the record {name} is missing; the file is incomplete.") from None
+
+            unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pkl[0])), path, read_record)
+            return unpickler.load()
+    except (zipfile.BadZipFile, EOFError, zlib.error, struct.error) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated PyTorch checkpoint ({e}).") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: corrupt pickle in the checkpoint ({e}).") from None
+
+
+# ----------------------------------------------------------------------------------------
+# safetensors and npz
+# ----------------------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": _BF16, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Reads a .safetensors file, validating the header against the file's real size."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file.")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size - 8} after the length.")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}).") from None
+        data = f.read()
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            shape = tuple(int(s) for s in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry {info!r}.") from None
+        want = int(np.prod(shape)) * dtype.itemsize
+        if not (0 <= start <= end <= len(data)) or end - start != want:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} claims bytes [{start}, {end}) for shape {shape} {dtype} "
+                f"({want} bytes) but the data section has {len(data)} bytes; the header lies or the file is truncated.")
+        out[key] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape).copy()
+    return out
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items() if v is not None}
+    header, offset, blobs = {}, 0, []
+    for key in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[key])
+        header[key] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+                       "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        blobs.append(arr.tobytes())
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise CheckpointError(f"{path}: cannot read as .npz ({e}).") from None
+
+
+def read_state_dict(path: str, *, which: str = "ema", prefix: str = "") -> dict[str, np.ndarray]:
+    """A flat {name: array} state dict from .pt/.pth/.bin, .safetensors or .npz.
+
+    For training checkpoints ({"model", "ema", "opt", "args"}) `which` picks the entry
+    ("ema" by default, as the official sampling code does). `prefix` selects and strips a
+    key prefix (e.g. "state_dict/"); a DistributedDataParallel "module." prefix is dropped.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file.")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".pt", ".pth", ".bin", ".ckpt"):
+        obj = read_torch_file(path)
+    elif ext == ".safetensors":
+        obj = read_safetensors(path)
+    elif ext == ".npz":
+        obj = read_npz(path)
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint type {ext!r}; expected .pt/.pth/.bin, "
+                              ".safetensors or .npz (or an Orbax directory from dit_jax.convert).")
+    if isinstance(obj, Mapping) and which in obj and isinstance(obj[which], Mapping):
+        obj = obj[which]
+    elif isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        raise CheckpointError(f"{path}: has no {which!r} entry (it has {sorted(obj)}).")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict.")
+    flat = {}
+    for k, v in obj.items():
+        if prefix:
+            if not k.startswith(prefix):
+                continue
+            k = k[len(prefix):]
+        if k.startswith("module."):
+            k = k[len("module."):]
+        if not isinstance(v, np.ndarray):
+            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor.")
+        flat[k] = v
+    if not flat:
+        raise CheckpointError(f"{path}: no tensors found" + (f" under the prefix {prefix!r}." if prefix else "."))
+    return flat
+
+
+# ----------------------------------------------------------------------------------------
+# Official DiT names <-> Flax parameter paths
+# ----------------------------------------------------------------------------------------
+
+def _torch_key(path: tuple[str, ...]) -> str:
+    """Flax path ('blocks_3', 'attn', 'qkv', 'kernel') -> 'blocks.3.attn.qkv.weight'."""
+    parts = []
+    for i, p in enumerate(path):
+        last = i == len(path) - 1
+        m = re.fullmatch(r"(blocks|mlp)_(\d+)", p)
+        if m:
+            parts += [m.group(1), m.group(2)]
+        elif p == "adaLN_modulation":
+            parts += [p, "1"]
+        elif p == "x_embedder":
+            parts += [p, "proj"]
+        elif p == "embedding_table" and last:
+            parts += [p, "weight"]
+        elif last and p in ("kernel", "scale"):
+            parts.append("weight")
+        else:
+            parts.append(p)
+    return ".".join(parts)
+
+
+def _to_flax(path: tuple[str, ...], value: np.ndarray, target_shape: tuple) -> np.ndarray:
+    if path[-1] == "kernel" and path[0] == "x_embedder" and value.ndim == 4:
+        # Conv2d weight [D, C, p, q] -> patch Linear [p*q*C, D] with (p, q, c) flattening.
+        d = value.shape[0]
+        return value.transpose(2, 3, 1, 0).reshape(-1, d)
+    if path[-1] == "kernel" and value.ndim == 2:
+        return value.T
+    return value
+
+
+def _from_flax(path: tuple[str, ...], value: np.ndarray, patch_size: int) -> np.ndarray:
+    if path[-1] == "kernel" and path[0] == "x_embedder":
+        d = value.shape[1]
+        c = value.shape[0] // (patch_size * patch_size)
+        return value.reshape(patch_size, patch_size, c, d).transpose(3, 2, 0, 1)
+    if path[-1] == "kernel":
+        return value.T
+    return value
+
+
+def _flatten(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _unflatten(items):
+    out: dict = {}
+    for path, v in items:
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = v
+    return out
+
+
+def describe_state_dict(sd: Mapping[str, np.ndarray]) -> Optional[dict]:
+    """Infers DiT hyper-parameters from an official-layout state dict (None if it is not one)."""
+    try:
+        _, tokens, hidden = sd["pos_embed"].shape
+        d, c, p, _ = sd["x_embedder.proj.weight"].shape
+        depth = 1 + max(int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m)
+        out = sd["final_layer.linear.weight"].shape[0] // (p * p)
+        rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    except (KeyError, ValueError):
+        return None
+    grid = int(round(np.sqrt(tokens)))
+    return dict(hidden_size=int(hidden), depth=depth, patch_size=int(p), in_channels=int(c),
+                input_size=int(grid * p), learn_sigma=out == 2 * c, num_classes_plus_null=int(rows))
+
+
+def _matching_names(info: dict) -> list[str]:
+    from dit_jax import models
+    names = []
+    for name in models.MODEL_NAMES:
+        kw = models.model_kwargs_from_name(name)
+        if (kw["depth"], kw["hidden_size"], kw["patch_size"]) == (info["depth"], info["hidden_size"], info["patch_size"]):
+            names.append(name)
+    return names
+
+
+def dit_params_from_state_dict(sd: Mapping[str, np.ndarray], model, *, source: str = "state dict") -> dict:
+    """Official-layout DiT state dict -> Flax params for `model`, checking every key and shape."""
+    from dit_jax import models
+    target = models.abstract_params(model)
+    items, used, missing, mismatched = [], set(), [], []
+    for path, leaf in _flatten(target):
+        key = _torch_key(path)
+        if key not in sd:
+            missing.append(key)
+            continue
+        used.add(key)
+        value = _to_flax(path, np.asarray(sd[key]), leaf.shape)
+        if tuple(value.shape) != tuple(leaf.shape):
+            want = _from_flax(path, np.zeros(leaf.shape, np.bool_), model.patch_size).shape
+            mismatched.append(f"{key}: file {tuple(sd[key].shape)}, model {tuple(want)}")
+            continue
+        items.append((path, value.astype(np.float32)))
+    unexpected = sorted(set(sd) - used)
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not fit the model (depth {model.depth}, hidden {model.hidden_size}, "
+                 f"patch {model.patch_size}, input {model.input_size}, {model.num_classes} classes, "
+                 f"block {model.block_type}):"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if keys:
+                shown = keys[:12] + ([f"... ({len(keys) - 12} more)"] if len(keys) > 12 else [])
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(shown))
+        info = describe_state_dict(sd)
+        if info:
+            fits = _matching_names(info)
+            lines.append(
+                f"  the file looks like depth {info['depth']}, hidden {info['hidden_size']}, patch "
+                f"{info['patch_size']}, input_size {info['input_size']} ({info['input_size'] * 8}px images), "
+                f"{info['num_classes_plus_null'] - 1} classes + null"
+                + (f": model name {' or '.join(fits)}" if fits else ""))
+        raise CheckpointError("\n".join(lines))
+    return _unflatten(items)
+
+
+def state_dict_from_dit_params(params: Mapping, patch_size: int) -> dict[str, np.ndarray]:
+    """Flax params -> official-layout state dict (numpy, float32)."""
+    return {_torch_key(path): np.asarray(_from_flax(path, np.asarray(v, np.float32), patch_size))
+            for path, v in _flatten(params)}
+
+
+# ----------------------------------------------------------------------------------------
+# The project's own parameter checkpoints (Orbax)
+# ----------------------------------------------------------------------------------------
+
+MODEL_CONFIG_FILE = "dit_model.json"
+
+
+def save_params(directory: str, params: Mapping, model_config: Mapping) -> str:
+    """Writes `params` as an Orbax checkpoint in `directory` (absolute) with the model's config."""
+    import orbax.checkpoint as ocp
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory):
+        raise CheckpointError(f"{directory}: already exists; choose a new output path.")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(directory, "params"), {"params": params})
+    with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
+        json.dump(dict(model_config), f, indent=1, sort_keys=True)
+    return directory
+
+
+def load_params(directory: str, model=None) -> tuple[dict, dict]:
+    """Reads (params, model_config) written by `save_params`; checks shapes against `model`."""
+    import jax
+    import orbax.checkpoint as ocp
+    directory = os.path.abspath(directory)
+    cfg_path = os.path.join(directory, MODEL_CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{directory}: not a dit_jax parameter checkpoint (no {MODEL_CONFIG_FILE}).")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    target = None
+    if model is not None:
+        from dit_jax import models
+        target = {"params": models.abstract_params(model)}
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            restored = ckptr.restore(os.path.join(directory, "params"), target)
+        except Exception as e:  # orbax raises many types for bad trees/files
+            raise CheckpointError(f"{directory}: cannot restore parameters ({type(e).__name__}: {e}).") from None
+    params = jax.tree_util.tree_map(np.asarray, restored["params"])
+    return params, config
+
+
+def load_dit_params(path: str, model, *, which: str = "ema", prefix: str = "") -> dict:
+    """Parameters for `model` from any supported file: an Orbax directory written by
+    `save_params`/`dit_jax.convert`, or an official-layout .pt/.pth/.bin/.safetensors/.npz."""
+    if os.path.isdir(path):
+        return load_params(path, model)[0]
+    sd = read_state_dict(path, which=which, prefix=prefix)
+    return dit_params_from_state_dict(sd, model, source=os.fspath(path))

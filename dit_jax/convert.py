@@ -1,0 +1,66 @@
+"""Converts an official DiT checkpoint to a dit_jax parameter checkpoint (Orbax).
+
+  python -m dit_jax.convert --model=XL/2 --input=DiT-XL-2-256x256.pt --output=/ckpts/xl2_256
+
+Reads PyTorch `.pt/.pth/.bin` (a plain state dict, or a training checkpoint whose "ema"
+entry is taken), `.safetensors` or `.npz` without PyTorch and without executing pickled
+code; checks every key and shape against the named model and reports missing/unexpected
+keys, or which model names would fit the file. Resolution and class count are read from the
+file unless given.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+from dit_jax import checkpoints, models
+
+_MODEL = flags.DEFINE_string("model", None, "Model name, e.g. DiT-XL/2 or XL/2.")
+_INPUT = flags.DEFINE_string("input", None, "Checkpoint file (.pt/.pth/.bin/.safetensors/.npz).")
+_OUTPUT = flags.DEFINE_string("output", None, "Output directory (must not exist).")
+_WHICH = flags.DEFINE_enum("which", "ema", ["ema", "model"], "Entry of a training checkpoint to take.")
+_PREFIX = flags.DEFINE_string("prefix", "", "Only keys under this prefix (stripped), e.g. 'state_dict/'.")
+_INPUT_SIZE = flags.DEFINE_integer("input_size", 0, "Latent side (image side / 8); 0: from the file.")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 0, "Number of classes; 0: from the file.")
+
+
+def convert(model_name: str, src: str, dst: str, *, which: str = "ema", prefix: str = "",
+            input_size: int = 0, num_classes: int = 0) -> dict:
+    """Converts `src` for `model_name` and writes it to `dst`; returns the model config."""
+    model_kwargs = models.model_kwargs_from_name(model_name)
+    sd = checkpoints.read_state_dict(src, which=which, prefix=prefix)
+    info = checkpoints.describe_state_dict(sd) or {}
+    config = dict(
+        name=models.canonical_name(model_name), **model_kwargs,
+        input_size=input_size or info.get("input_size", 32),
+        in_channels=info.get("in_channels", 4),
+        learn_sigma=info.get("learn_sigma", True),
+        num_classes=num_classes or info.get("num_classes_plus_null", 1001) - 1,
+        class_dropout_prob=0.1, mlp_ratio=4.0, block_type="adaln_zero")
+    model = models.DiT(**{k: v for k, v in config.items() if k != "name"})
+    params = checkpoints.dit_params_from_state_dict(sd, model, source=src)
+    checkpoints.save_params(dst, params, config)
+    return config
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for flag in (_MODEL, _INPUT, _OUTPUT):
+        if not flag.value:
+            raise app.UsageError(f"--{flag.name} is required.")
+    try:
+        config = convert(_MODEL.value, _INPUT.value, _OUTPUT.value, which=_WHICH.value, prefix=_PREFIX.value,
+                         input_size=_INPUT_SIZE.value, num_classes=_NUM_CLASSES.value)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {config['name']} ({config['input_size'] * 8}x{config['input_size'] * 8}, "
+          f"{config['num_classes']} classes) to {os.path.abspath(_OUTPUT.value)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,36 @@
+"""dit_jax: Scalable Diffusion Models with Transformers (DiT) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dit_jax",
+    version="0.1.0",
+    description="DiT (Peebles & Xie 2023) in JAX/Flax: models, diffusion, training, sampling, evaluation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dit_jax", "dit_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.7",
+        "einops>=0.8",
+        "ml-collections>=0.1.1",
+        "clu>=0.0.12",
+        "absl-py",
+        "numpy",
+        "ml_dtypes",
+        # clu's metric writers import TensorFlow and TensorBoard; the CPU build is enough for
+        # logging on GPU and TPU hosts too (JAX, not TensorFlow, uses the accelerator).
+        "tensorflow-cpu",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "cuda12": ["jax[cuda12]"],
+        "cuda13": ["jax[cuda13]"],
+        "tpu": ["jax[tpu]"],
+    },
+)
