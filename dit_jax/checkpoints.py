@@ -426,16 +426,23 @@ def save_params(directory: str, params: Mapping, model_config: Mapping) -> str:
     return directory
 
 
+def saved_model_config(path: str) -> Optional[dict]:
+    """The model config stored with a dit_jax parameter checkpoint, or None for other paths."""
+    cfg_path = os.path.join(path, MODEL_CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        return None
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
 def load_params(directory: str, model=None) -> tuple[dict, dict]:
     """Reads (params, model_config) written by `save_params`; checks shapes against `model`."""
     import jax
     import orbax.checkpoint as ocp
     directory = os.path.abspath(directory)
-    cfg_path = os.path.join(directory, MODEL_CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
+    config = saved_model_config(directory)
+    if config is None:
         raise CheckpointError(f"{directory}: not a dit_jax parameter checkpoint (no {MODEL_CONFIG_FILE}).")
-    with open(cfg_path) as f:
-        config = json.load(f)
     target = None
     if model is not None:
         from dit_jax import models

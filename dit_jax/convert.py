@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 from absl import app, flags
 
-from dit_jax import checkpoints, models
+from dit_jax import cli, checkpoints, models
 
-_MODEL = flags.DEFINE_string("model", None, "Model name, e.g. DiT-XL/2 or XL/2.")
+_MODEL = flags.DEFINE_string("model", None, "Model name, e.g. DiT-XL/2 or XL/2; omit for a custom size "
+                             "(depth, width and patch are read from the file, give --num_heads).")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 0, "Attention heads of a custom-size model (no --model).")
 _INPUT = flags.DEFINE_string("input", None, "Checkpoint file (.pt/.pth/.bin/.safetensors/.npz).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory (must not exist).")
 _WHICH = flags.DEFINE_enum("which", "ema", ["ema", "model"], "Entry of a training checkpoint to take.")
@@ -27,40 +30,47 @@ _INPUT_SIZE = flags.DEFINE_integer("input_size", 0, "Latent side (image side / 8
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 0, "Number of classes; 0: from the file.")
 
 
-def convert(model_name: str, src: str, dst: str, *, which: str = "ema", prefix: str = "",
-            input_size: int = 0, num_classes: int = 0) -> dict:
-    """Converts `src` for `model_name` and writes it to `dst`; returns the model config."""
-    model_kwargs = models.model_kwargs_from_name(model_name)
+def convert(src: str, dst: str, model_name: Optional[str] = None, *, num_heads: int = 0, which: str = "ema",
+            prefix: str = "", input_size: int = 0, num_classes: int = 0) -> dict:
+    """Converts `src` for `model_name` (or a custom size read from the file with `num_heads`)
+    and writes it to `dst`; returns the model config that was saved with it."""
     sd = checkpoints.read_state_dict(src, which=which, prefix=prefix)
-    info = checkpoints.describe_state_dict(sd) or {}
+    info = checkpoints.describe_state_dict(sd)
+    if model_name:
+        model_kwargs = models.model_kwargs_from_name(model_name)
+        name = models.canonical_name(model_name)
+    elif info is None:
+        raise checkpoints.CheckpointError(f"{src}: not an official-layout DiT state dict; give --model to see "
+                                          "which keys are missing.")
+    elif num_heads <= 0:
+        raise ValueError("a custom-size model needs --num_heads (or give --model).")
+    else:
+        model_kwargs = dict(depth=info["depth"], hidden_size=info["hidden_size"], num_heads=num_heads,
+                            patch_size=info["patch_size"])
+        name = "custom"
+    info = info or {}
     config = dict(
-        name=models.canonical_name(model_name), **model_kwargs,
+        name=name, **model_kwargs,
         input_size=input_size or info.get("input_size", 32),
         in_channels=info.get("in_channels", 4),
         learn_sigma=info.get("learn_sigma", True),
         num_classes=num_classes or info.get("num_classes_plus_null", 1001) - 1,
         class_dropout_prob=0.1, mlp_ratio=4.0, block_type="adaln_zero")
-    model = models.DiT(**{k: v for k, v in config.items() if k != "name"})
+    model = models.model_from_config(config)
     params = checkpoints.dit_params_from_state_dict(sd, model, source=src)
     checkpoints.save_params(dst, params, config)
     return config
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for flag in (_MODEL, _INPUT, _OUTPUT):
+    for flag in (_INPUT, _OUTPUT):
         if not flag.value:
             raise app.UsageError(f"--{flag.name} is required.")
-    try:
-        config = convert(_MODEL.value, _INPUT.value, _OUTPUT.value, which=_WHICH.value, prefix=_PREFIX.value,
-                         input_size=_INPUT_SIZE.value, num_classes=_NUM_CLASSES.value)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    config = convert(_INPUT.value, _OUTPUT.value, _MODEL.value, num_heads=_NUM_HEADS.value, which=_WHICH.value,
+                     prefix=_PREFIX.value, input_size=_INPUT_SIZE.value, num_classes=_NUM_CLASSES.value)
     print(f"wrote {config['name']} ({config['input_size'] * 8}x{config['input_size'] * 8}, "
           f"{config['num_classes']} classes) to {os.path.abspath(_OUTPUT.value)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

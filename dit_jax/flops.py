@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dit_jax import models
+from dit_jax import cli, models
 
 
 def _sub_jaxprs(eqn) -> Iterable:
@@ -108,17 +108,12 @@ _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Number of classes (a n
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     names = _MODEL.value or list(models.MODEL_NAMES)
-    try:
-        rows = [model_stats(n, _INPUT_SIZE.value, num_classes=_NUM_CLASSES.value) for n in names]
-    except ValueError as e:
-        raise app.UsageError(str(e))
+    rows = [model_stats(n, _INPUT_SIZE.value, num_classes=_NUM_CLASSES.value) for n in names]
     print(f"DiT forward cost at {_INPUT_SIZE.value * 8}x{_INPUT_SIZE.value * 8} "
           f"({_INPUT_SIZE.value}x{_INPUT_SIZE.value}x4 latents), 1 image, multiply-adds:")
     print(format_table(rows))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -76,6 +76,18 @@ def create_model(name: Optional[str] = None, **kwargs) -> "DiT":
     return DiT(**base)
 
 
+def model_from_config(config) -> "DiT":
+    """A DiT from a dict/ConfigDict of constructor fields; a 'name' entry gives the size and
+    the other entries override it."""
+    config = dict(config)
+    name = config.pop("name", None)
+    fields = {f for f in DiT.__dataclass_fields__ if f not in ("parent", "name")}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ValueError(f"Unknown model config keys {unknown}; valid keys are {sorted(fields)}.")
+    return create_model(name if name and name != "custom" else None, **config)
+
+
 # ----------------------------------------------------------------------------------------
 # Fixed embeddings
 # ----------------------------------------------------------------------------------------
@@ -410,7 +422,8 @@ class DiT(nn.Module):
         guidance_channels=3 is the official DiT behaviour: guidance is applied to the first
         three latent channels only and the fourth keeps the conditional prediction (kept for
         reproducing the reference FID 2.27). guidance_channels=None guides all `in_channels`
-        (the standard formulation). Variance channels always come from the conditional half.
+        (the standard formulation). Unguided channels (variance, and the 4th epsilon channel in
+        the official variant) are passed through from each half's own forward.
         """
         half = x[: x.shape[0] // 2]
         out = self(jnp.concatenate([half, half], axis=0), t, y)
@@ -432,7 +445,7 @@ def dummy_inputs(model: DiT, batch: int = 1):
 
 def init_params(model: DiT, rng: Array) -> dict:
     """Plain (unboxed) float32 parameters of `model`."""
-    variables = model.init({"params": rng}, *dummy_inputs(model))
+    variables = jax.jit(model.init)({"params": rng}, *dummy_inputs(model))
     return nn.meta.unbox(variables["params"])
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dit_jax import checkpoints, diffusion, models
+from dit_jax import cli, checkpoints, diffusion, models
 
 
 def sample_latents(model: models.DiT, params, labels: jax.Array, key: jax.Array, *,
@@ -48,7 +48,7 @@ def _sample(model, process, sampler, cfg_scale, guidance_channels, eta, params, 
     return process.ddim_sample_loop(fn, z, eta=eta, key=loop_key)
 
 
-_MODEL = flags.DEFINE_string("model", "DiT-XL/2", "Model name, e.g. XL/2.")
+_MODEL = flags.DEFINE_string("model", "DiT-XL/2", "Model name, e.g. XL/2 (a dit_jax checkpoint's own wins).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "dit_jax checkpoint dir or official .pt/.safetensors/.npz.")
 _INPUT_SIZE = flags.DEFINE_integer("input_size", 32, "Latent side (image side / 8).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Number of classes.")
@@ -64,41 +64,39 @@ _OUTPUT = flags.DEFINE_string("output", "samples.npz", "Output .npz (latents NHW
 
 
 def main(argv: Sequence[str]):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
+    saved = checkpoints.saved_model_config(_CHECKPOINT.value) if _CHECKPOINT.value else None
+    if saved is not None:  # a dit_jax checkpoint knows its model
+        model = models.model_from_config(saved)
+    else:
         model = models.create_model(_MODEL.value, input_size=_INPUT_SIZE.value, num_classes=_NUM_CLASSES.value)
-        model.check_config()
-        try:
-            labels = np.array([int(v) for v in _LABELS.value], np.int32)
-        except ValueError:
-            raise ValueError(f"--labels must be integers, got {_LABELS.value}") from None
-        if labels.size == 0 or labels.min() < 0 or labels.max() >= model.num_classes:
-            raise ValueError(f"--labels must be in [0, {model.num_classes - 1}], got {_LABELS.value}.")
-        if _CHECKPOINT.value:
-            params = checkpoints.load_dit_params(_CHECKPOINT.value, model)
-        else:
-            print("no --checkpoint: random weights (smoke run)")
-            params = models.init_params(model, jax.random.key(_SEED.value))
-        kwargs = dict(sampler=_SAMPLER.value, steps=_STEPS.value, cfg_scale=_CFG.value, eta=_ETA.value,
-                      guidance_channels=3 if _GUIDANCE.value == "official" else None)
-        key = jax.random.key(_SEED.value)
-        start = time.perf_counter()
-        latents = jax.block_until_ready(sample_latents(model, params, jnp.asarray(labels), key, **kwargs))
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        latents = jax.block_until_ready(sample_latents(model, params, jnp.asarray(labels), key, **kwargs))
-        run = time.perf_counter() - start
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    model.check_config()
+    try:
+        labels = np.array([int(v) for v in _LABELS.value], np.int32)
+    except ValueError:
+        raise ValueError(f"--labels must be integers, got {_LABELS.value}") from None
+    if labels.size == 0 or labels.min() < 0 or labels.max() >= model.num_classes:
+        raise ValueError(f"--labels must be in [0, {model.num_classes - 1}], got {_LABELS.value}.")
+    if _CHECKPOINT.value:
+        params = checkpoints.load_dit_params(_CHECKPOINT.value, model)
+    else:
+        print("no --checkpoint: random weights (smoke run)")
+        params = models.init_params(model, jax.random.key(_SEED.value))
+    kwargs = dict(sampler=_SAMPLER.value, steps=_STEPS.value, cfg_scale=_CFG.value, eta=_ETA.value,
+                  guidance_channels=3 if _GUIDANCE.value == "official" else None)
+    key = jax.random.key(_SEED.value)
+    start = time.perf_counter()
+    latents = jax.block_until_ready(sample_latents(model, params, jnp.asarray(labels), key, **kwargs))
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    latents = jax.block_until_ready(sample_latents(model, params, jnp.asarray(labels), key, **kwargs))
+    run = time.perf_counter() - start
     latents = np.asarray(latents)
     np.savez(_OUTPUT.value, latents=latents, labels=labels)
-    print(f"{models.canonical_name(_MODEL.value)} {_SAMPLER.value}-{_STEPS.value} cfg {_CFG.value}: "
+    print(f"DiT depth {model.depth} width {model.hidden_size} patch {model.patch_size} {_SAMPLER.value}-{_STEPS.value} cfg {_CFG.value}: "
           f"{len(labels)} samples {latents.shape[1:]} in {run:.2f}s ({len(labels) / run:.2f} samples/s; "
           f"first call with compile {first:.2f}s); mean {latents.mean():+.3f} std {latents.std():.3f} "
           f"-> {_OUTPUT.value}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
