@@ -443,16 +443,22 @@ def load_params(directory: str, model=None) -> tuple[dict, dict]:
     config = saved_model_config(directory)
     if config is None:
         raise CheckpointError(f"{directory}: not a dit_jax parameter checkpoint (no {MODEL_CONFIG_FILE}).")
-    target = None
-    if model is not None:
-        from dit_jax import models
-        target = {"params": models.abstract_params(model)}
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            restored = ckptr.restore(os.path.join(directory, "params"), target)
+            restored = ckptr.restore(os.path.join(directory, "params"))
         except Exception as e:  # orbax raises many types for bad trees/files
             raise CheckpointError(f"{directory}: cannot restore parameters ({type(e).__name__}: {e}).") from None
     params = jax.tree_util.tree_map(np.asarray, restored["params"])
+    if model is not None:  # Orbax does not check shapes against a target; do it here
+        from dit_jax import models
+        want = {path: tuple(v.shape) for path, v in _flatten(models.abstract_params(model))}
+        have = {path: tuple(v.shape) for path, v in _flatten(params)}
+        wrong = [f"{'/'.join(p)}: file {have.get(p)}, model {want.get(p)}"
+                 for p in sorted(set(want) | set(have)) if want.get(p) != have.get(p)]
+        if wrong:
+            shown = wrong[:8] + ([f"... ({len(wrong) - 8} more)"] if len(wrong) > 8 else [])
+            raise CheckpointError(f"{directory}: parameters do not fit the model ({len(wrong)} differ; the "
+                                  f"checkpoint was saved for {config}): " + "; ".join(shown))
     return params, config
 
 
