@@ -1,0 +1,50 @@
+"""Device mesh and parameter sharding.
+
+The mesh has axes ('data', 'fsdp'): the batch is split over both, parameters over 'fsdp'
+(replicated when fsdp = 1). The model names parameter axes logically ('embed', 'mlp',
+'vocab'); rules map logical names to mesh axes and live in the config.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+
+#: logical axis -> mesh axis. Weights are split along their 'mlp' (wide) axis over 'fsdp'.
+DEFAULT_RULES: tuple = (
+    ("batch", ("data", "fsdp")),
+    ("embed", None),
+    ("mlp", "fsdp"),
+    ("vocab", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A ('data', 'fsdp') mesh over `devices` (default: all); data=-1 takes what fsdp leaves."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    if fsdp < 1 or n % fsdp:
+        raise ValueError(f"fsdp={fsdp} must be a positive divisor of the {n} devices.")
+    if data == -1:
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not match the {n} devices.")
+    grid = np.asarray(devices).reshape(data, fsdp)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every mesh axis."""
+    return NamedSharding(mesh, P(MESH_AXES))
+
+
+def param_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a boxed (logically annotated) variable tree from `jax.eval_shape(init)`."""
+    specs = nn.get_partition_spec(abstract_variables)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
