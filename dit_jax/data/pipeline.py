@@ -46,6 +46,12 @@ class LatentRecords:
     def __getitems__(self, indices) -> list:
         return [self._parse(r) for r in self._source.__getitems__(list(indices))]
 
+    def read_batch(self, indices) -> dict:
+        """Stacked {'mean', 'logvar': [n, 2, h, w, c] float16, 'label': [n] int32}; one
+        parallel ArrayRecord read for the whole batch."""
+        examples = self.__getitems__([int(i) for i in indices])
+        return {k: np.stack([e[k] for e in examples]) for k in ("mean", "logvar", "label")}
+
 
 @dataclasses.dataclass(frozen=True)
 class PosteriorSampler:
@@ -77,7 +83,8 @@ def make_dataset(data_dir: str, *, global_batch_size: int, seed: int, split: str
         raise ValueError(f"global batch {global_batch_size} is not divisible by the {process_count} processes.")
     local_batch = global_batch_size // process_count
     records = LatentRecords(data_dir, split)
-    ds = grain.MapDataset.source(records)[process_index::process_count]
+    # Shuffle and batch *indices*; each batch is then read with one parallel ArrayRecord call.
+    ds = grain.MapDataset.range(len(records))[process_index::process_count]
     if len(ds) < local_batch:
         raise ValueError(f"{data_dir}: this process's share of '{split}' has {len(ds)} examples, fewer than "
                          f"its batch of {local_batch}.")
@@ -85,7 +92,7 @@ def make_dataset(data_dir: str, *, global_batch_size: int, seed: int, split: str
                                sample_posterior)
     return (ds.shuffle(seed=seed).repeat()
             .batch(local_batch, drop_remainder=True)
-            .map_with_index(sampler)), records.meta
+            .map_with_index(lambda i, idx: sampler(i, records.read_batch(idx)))), records.meta
 
 
 class InputPipeline:
