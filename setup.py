@@ -35,6 +35,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7"],
+        "hub": ["huggingface_hub"],  # VAE weights by hub id (e.g. stabilityai/sd-vae-ft-ema)
         "cuda12": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],
         "tpu": ["jax[tpu]"],

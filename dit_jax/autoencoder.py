@@ -63,6 +63,57 @@ class IdentityAutoencoder:
         return np.clip(latents[:, top: top + size, top: top + size], -1.0, 1.0)
 
 
+@dataclasses.dataclass
+class KLAutoencoder:
+    """A diffusers AutoencoderKL (dit_jax.vae) behind the interface above; encode/decode run
+    jitted over all local devices in chunks of `batch_size`."""
+    model: object
+    params: dict
+    spec: str
+    dtype: str = "float32"
+    batch_size: int = 64
+
+    @classmethod
+    def load(cls, spec: str, dtype: str = "float32", **kwargs) -> "KLAutoencoder":
+        from dit_jax import vae
+        model, params = vae.load_vae(spec)
+        return cls(model, vae.replicate_params(params), spec, dtype, **kwargs)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.config.scaling_factor)
+
+    @property
+    def channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def downsample(self) -> int:
+        return self.config.downsample_factor
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        if image_size % self.downsample:
+            raise ValueError(f"image_size {image_size} is not a multiple of the VAE's downsampling {self.downsample}.")
+        side = image_size // self.downsample
+        return (side, side, self.config.latent_channels)
+
+    def encode_moments(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from dit_jax import vae
+        posterior = vae.encode_images(self.model, self.params, np.asarray(images), dtype=self.dtype,
+                                      batch_size=self.batch_size)
+        return np.asarray(posterior.mean), np.asarray(posterior.logvar)
+
+    def decode(self, latents) -> np.ndarray:
+        from dit_jax import vae
+        images = vae.decode_latents(self.model, self.params, np.asarray(latents, np.float32), dtype=self.dtype,
+                                    batch_size=self.batch_size)
+        return np.clip(images, -1.0, 1.0)
+
+
 def load_autoencoder(spec: str, **kwargs):
     """An autoencoder from its spec string (see the module docstring)."""
     kind, _, arg = spec.partition(":")
@@ -72,5 +123,4 @@ def load_autoencoder(spec: str, **kwargs):
         except ValueError:
             raise ValueError(f"bad autoencoder spec {spec!r}; use identity[:<pad_to>].") from None
         return IdentityAutoencoder(pad_to=pad_to, **kwargs)
-    from dit_jax import vae
-    return vae.KLAutoencoder.load(spec, **kwargs)
+    return KLAutoencoder.load(spec, **kwargs)

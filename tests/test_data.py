@@ -72,6 +72,25 @@ def test_folder_encode_skips_corrupt_and_stores_flip(tmp_path):
     assert np.all(ex["logvar"] == -30)
 
 
+def test_vae_encoding_stores_posterior_of_image_and_flip(tmp_path):
+    """Through the real (tiny) diffusers VAE folder: stored moments are the VAE's, in float16."""
+    from conftest import SHARED_REFERENCE
+    from dit_jax import vae
+    root = make_folder(tmp_path / "imgs", sizes=((40, 30), (33, 33)), corrupt=False)
+    ae = autoencoder_lib.load_autoencoder(str(SHARED_REFERENCE / "vae_tiny_diffusers"))
+    with pytest.raises(ValueError, match="multiple"):
+        ae.latent_shape(30)
+    out = tmp_path / "lat"
+    summary = latents.encode_dataset(sources.open_source(f"folder:{root}"), ae, str(out), image_size=32, log=quiet)
+    assert summary["latent_shape"] == [8, 8, 4] and summary["scaling_factor"] == pytest.approx(0.18215)
+    ex = read_all(out)["dog/img1.png"]
+    crop = sources.center_crop_arr(Image.open(root / "dog" / "img1.png").convert("RGB"), 32)
+    post = vae.encode_images(ae.model, ae.params, np.stack([crop, crop[:, ::-1]]))
+    np.testing.assert_allclose(ex["mean"], post.mean.astype(np.float16), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(ex["logvar"], post.logvar.astype(np.float16), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(ex["mean"][0], ex["mean"][1])
+
+
 @pytest.mark.parametrize("layout", ["missing", "empty", "no_images"])
 def test_bad_folders_are_one_clear_error(tmp_path, layout):
     root = tmp_path / "x"

@@ -144,8 +144,8 @@ def encode_dataset(source: sources_lib.ImageSource, autoencoder, out_dir: str, *
     shard is done, process 0 writes the TFDS metadata and returns the dataset summary
     (None if shards are still missing). `barrier()` (multi-host) is called before that.
     """
-    if image_size <= 0 or (image_size % 8 and autoencoder.downsample == 8):
-        raise ValueError(f"image_size must be a positive multiple of 8 for a VAE, got {image_size}.")
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}.")
     name = name or source.name
     os.makedirs(out_dir, exist_ok=True)
     latent_shape = autoencoder.latent_shape(image_size)
