@@ -284,3 +284,24 @@ def test_embedded_dataset_builds_once(embedded_dir):
     assert logs == []
     with pytest.raises(ValueError, match="not a complete latent dataset"):
         latents.read_metadata(os.path.dirname(embedded_dir))
+
+
+def test_tfds_image_dataset_source(tmp_path):
+    import tensorflow_datasets as tfds
+    feats = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(20, 24, 3)),
+                                        "label": tfds.features.ClassLabel(names=["x", "y", "z"])})
+    examples = [(str(i), {"image": np.full((20, 24, 3), 20 * i, np.uint8), "label": i % 3}) for i in range(7)]
+    tfds.dataset_builders.store_as_tfds_dataset(name="tiny_images", version="1.0.0", features=feats,
+                                                split_datasets={"train": examples}, data_dir=str(tmp_path),
+                                                file_format="array_record")
+    src = sources.open_source(f"tfds:tiny_images@{tmp_path}")
+    assert src.class_names == ["x", "y", "z"] and src.num_examples() == 7
+    ae = autoencoder_lib.IdentityAutoencoder(pad_to=16, channels=3)
+    summary = latents.encode_dataset(src, ae, str(tmp_path / "lat"), image_size=16, log=quiet)
+    assert summary["splits"]["train"]["num_examples"] == 7
+    got = read_all(tmp_path / "lat")
+    for ex in got.values():  # each image is one flat grey level 20*i, with label i % 3
+        level = int(round((float(ex["mean"][0].mean()) + 1) * 127.5))
+        assert level % 20 == 0 and ex["label"] == (level // 20) % 3
+    with pytest.raises(sources.SourceError, match="not usable"):
+        sources.open_source(f"tfds:no_such_dataset@{tmp_path}")
