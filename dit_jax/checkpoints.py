@@ -469,3 +469,45 @@ def load_dit_params(path: str, model, *, which: str = "ema", prefix: str = "") -
         return load_params(path, model)[0]
     sd = read_state_dict(path, which=which, prefix=prefix)
     return dit_params_from_state_dict(sd, model, source=os.fspath(path))
+
+
+# ----------------------------------------------------------------------------------------
+# Training checkpoints (Orbax CheckpointManager)
+# ----------------------------------------------------------------------------------------
+
+def train_checkpoint_manager(directory: str, config):
+    """Async Orbax manager keeping the last `config.keep_checkpoints` steps plus every
+    `config.keep_every_steps`-th; leftovers of interrupted saves are cleaned at the next save."""
+    import orbax.checkpoint as ocp
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints, keep_period=config.keep_every_steps or None,
+        enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save_train_state(manager, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+    """Saves the train state (params, EMA, optimizer, step, RNG) and the data iterator state."""
+    import orbax.checkpoint as ocp
+    return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      data=ocp.args.JsonSave(data_state)), force=force)
+
+
+def restore_train_state(manager, abstract_state, shardings, log=print):
+    """(state, data_state, step) from the newest checkpoint that restores, or None if there is
+    none. A checkpoint that fails to restore is reported and the previous one is tried."""
+    import jax
+    import orbax.checkpoint as ocp
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, shardings)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                     data=ocp.args.JsonRestore()))
+        except Exception as e:  # a corrupt or truncated checkpoint: fall back to an older one
+            log(f"checkpoint step {step} in {manager.directory} cannot be restored ({type(e).__name__}: "
+                f"{str(e)[:200]}); trying the previous one")
+            continue
+        return restored["state"], restored["data"], step
+    if manager.all_steps():
+        raise CheckpointError(f"no checkpoint in {manager.directory} could be restored; move them away to start over.")
+    return None

@@ -19,15 +19,18 @@ from absl import app, flags
 
 from dit_jax import cli, checkpoints, models
 
-_MODEL = flags.DEFINE_string("model", None, "Model name, e.g. DiT-XL/2 or XL/2; omit for a custom size "
-                             "(depth, width and patch are read from the file, give --num_heads).")
-_NUM_HEADS = flags.DEFINE_integer("num_heads", 0, "Attention heads of a custom-size model (no --model).")
-_INPUT = flags.DEFINE_string("input", None, "Checkpoint file (.pt/.pth/.bin/.safetensors/.npz).")
-_OUTPUT = flags.DEFINE_string("output", None, "Output directory (must not exist).")
-_WHICH = flags.DEFINE_enum("which", "ema", ["ema", "model"], "Entry of a training checkpoint to take.")
-_PREFIX = flags.DEFINE_string("prefix", "", "Only keys under this prefix (stripped), e.g. 'state_dict/'.")
-_INPUT_SIZE = flags.DEFINE_integer("input_size", 0, "Latent side (image side / 8); 0: from the file.")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 0, "Number of classes; 0: from the file.")
+def define_flags():
+    """Defines this tool's command-line flags (only when run as a program)."""
+    global _MODEL, _NUM_HEADS, _INPUT, _OUTPUT, _WHICH, _PREFIX, _INPUT_SIZE, _NUM_CLASSES
+    _MODEL = flags.DEFINE_string("model", None, "Model name, e.g. DiT-XL/2 or XL/2; omit for a custom size "
+                                 "(depth, width and patch are read from the file, give --num_heads).")
+    _NUM_HEADS = flags.DEFINE_integer("num_heads", 0, "Attention heads of a custom-size model (no --model).")
+    _INPUT = flags.DEFINE_string("input", None, "Checkpoint file (.pt/.pth/.bin/.safetensors/.npz).")
+    _OUTPUT = flags.DEFINE_string("output", None, "Output directory (must not exist).")
+    _WHICH = flags.DEFINE_enum("which", "ema", ["ema", "model"], "Entry of a training checkpoint to take.")
+    _PREFIX = flags.DEFINE_string("prefix", "", "Only keys under this prefix (stripped), e.g. 'state_dict/'.")
+    _INPUT_SIZE = flags.DEFINE_integer("input_size", 0, "Latent side (image side / 8); 0: from the file.")
+    _NUM_CLASSES = flags.DEFINE_integer("num_classes", 0, "Number of classes; 0: from the file.")
 
 
 def convert(src: str, dst: str, model_name: Optional[str] = None, *, num_heads: int = 0, which: str = "ema",
@@ -73,4 +76,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

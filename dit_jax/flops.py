@@ -102,9 +102,12 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-_MODEL = flags.DEFINE_multi_string("model", None, "Model name(s), e.g. XL/2; default: all 12.")
-_INPUT_SIZE = flags.DEFINE_integer("input_size", 32, "Latent side (image side / 8): 32 for 256x256.")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Number of classes (a null row is added).")
+def define_flags():
+    """Defines this tool's command-line flags (only when run as a program)."""
+    global _MODEL, _INPUT_SIZE, _NUM_CLASSES
+    _MODEL = flags.DEFINE_multi_string("model", None, "Model name(s), e.g. XL/2; default: all 12.")
+    _INPUT_SIZE = flags.DEFINE_integer("input_size", 32, "Latent side (image side / 8): 32 for 256x256.")
+    _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Number of classes (a null row is added).")
 
 
 def main(argv):
@@ -116,4 +119,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

@@ -7,6 +7,7 @@ The mesh has axes ('data', 'fsdp'): the batch is split over both, parameters ove
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -48,3 +49,21 @@ def param_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for a boxed (logically annotated) variable tree from `jax.eval_shape(init)`."""
     specs = nn.get_partition_spec(abstract_variables)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                                 process_id: Optional[int] = None) -> bool:
+    """jax.distributed.initialize when the run spans processes: explicit coordinator flags, a
+    SLURM job with several tasks, a multi-host Cloud TPU slice, or JAX_COORDINATOR_ADDRESS.
+    Returns whether it initialised."""
+    if coordinator_address:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+        return True
+    env = os.environ
+    slurm = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1
+    tpu_hosts = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    if slurm or tpu_hosts or env.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+        return True
+    return False

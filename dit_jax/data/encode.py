@@ -22,16 +22,19 @@ from dit_jax.data import latents, sources
 
 EMBEDDED_SPEC = dict(source="embedded", autoencoder="identity:32", image_size=28)
 
-_SOURCE = flags.DEFINE_string("source", "embedded", "folder:<root>, imagenet:<manual_dir>, tfds:<name>[@dir], embedded.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split to encode (ImageNet/TFDS: train or validation).")
-_AUTOENCODER = flags.DEFINE_string("autoencoder", "stabilityai/sd-vae-ft-ema",
-                                   "Diffusers VAE folder or hub id, or identity[:pad_to].")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Center-crop size (a multiple of 8 for a VAE).")
-_OUTPUT = flags.DEFINE_string("output", None, "Output dataset directory.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per autoencoder call (image and flip: twice that).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "VAE compute dtype.")
-_PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This process (default: jax.process_index()).")
-_PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "Processes (default: jax.process_count()).")
+def define_flags():
+    """Defines this tool's command-line flags (only when run as a program)."""
+    global _SOURCE, _SPLIT, _AUTOENCODER, _IMAGE_SIZE, _OUTPUT, _BATCH, _DTYPE, _PROCESS_INDEX, _PROCESS_COUNT
+    _SOURCE = flags.DEFINE_string("source", "embedded", "folder:<root>, imagenet:<manual_dir>, tfds:<name>[@dir], embedded.")
+    _SPLIT = flags.DEFINE_string("split", "train", "Split to encode (ImageNet/TFDS: train or validation).")
+    _AUTOENCODER = flags.DEFINE_string("autoencoder", "stabilityai/sd-vae-ft-ema",
+                                       "Diffusers VAE folder or hub id, or identity[:pad_to].")
+    _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Center-crop size (a multiple of 8 for a VAE).")
+    _OUTPUT = flags.DEFINE_string("output", None, "Output dataset directory.")
+    _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per autoencoder call (image and flip: twice that).")
+    _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "VAE compute dtype.")
+    _PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This process (default: jax.process_index()).")
+    _PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "Processes (default: jax.process_count()).")
 
 
 def ensure_embedded_dataset(data_dir: str, log=print) -> str:
@@ -67,4 +70,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

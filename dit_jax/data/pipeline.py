@@ -138,3 +138,9 @@ class InputPipeline:
 
     def set_state(self, state: dict) -> None:
         self._iterator.set_state(state)
+
+    def close(self) -> None:
+        """Stops prefetch threads."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,75 @@
+"""The paper's training recipe (DiT-XL/2 on ImageNet 256x256 latents); other configs override it.
+
+  python -m dit_jax.main --config=configs/default.py --workdir=/ckpt/run --config.data.dir=/data/in256
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "DiT-XL/2"          # "S/2" ... "XL/8"; size fields below override it when set
+    c.model.depth = ml_collections.FieldReference(None, field_type=int)
+    c.model.hidden_size = ml_collections.FieldReference(None, field_type=int)
+    c.model.num_heads = ml_collections.FieldReference(None, field_type=int)
+    c.model.patch_size = ml_collections.FieldReference(None, field_type=int)
+    c.model.block_type = "adaln_zero"
+    c.model.class_dropout_prob = 0.1
+    c.model.learn_sigma = True
+    c.model.dtype = "bfloat16"          # activations/matmuls; parameters and optimizer state stay float32
+    c.model.remat = False
+    c.model.attention = "auto"          # cuDNN flash on GPU, XLA elsewhere
+    c.model.init_checkpoint = ""        # official .pt / converted dir: initialise (fine-tune) from it
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""                     # a latent dataset from dit_jax.data.encode ("embedded": built on demand)
+    c.data.split = "train"
+    c.data.image_size = 256             # must match the dataset
+    c.data.random_flip = True
+    c.data.num_threads = 2
+    c.data.prefetch = 4
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.steps = 1000
+    c.diffusion.noise_schedule = "linear"
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-4    # AdamW, constant
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.warmup_steps = 0
+    c.optimizer.grad_clip = 0.0         # 0: off (the paper does not clip)
+
+    c.batch_size = 256                  # global
+    c.num_train_steps = 400_000         # the scaling study; 7M for the XL/2 headline
+    c.ema_decay = 0.9999
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                    # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+    # logical axis -> mesh axis (parameters are split along their wide 'mlp' axis over 'fsdp')
+    c.mesh.rules = (("batch", ("data", "fsdp")), ("embed", None), ("mlp", "fsdp"), ("vocab", None))
+
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 5_000
+    c.keep_checkpoints = 2              # the last K ...
+    c.keep_every_steps = 100_000        # ... plus every M-th step (0: none)
+    c.profile_steps = 0                 # >0: a jax.profiler trace of that many steps, once
+    c.peak_flops_per_device = 0.0       # for MFU on devices the table does not know (0: look up)
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.every_steps = 20_000       # EMA sample grid (0: off)
+    c.sample.num_per_class = 1
+    c.sample.classes = (207, 360, 387, 974, 88, 979, 417, 279)
+    c.sample.sampler = "ddim"
+    c.sample.steps = 50
+    c.sample.cfg_scale = 4.0
+    c.sample.guidance = "official"      # "official": first 3 channels; "all"
+    c.sample.clip_denoised = False      # clip x0 predictions to [-1, 1]: for pixel-space data only
+    c.sample.autoencoder = "stabilityai/sd-vae-ft-ema"  # decodes the grid ("" to keep latents only)
+    return c

@@ -1,0 +1,9 @@
+"""DiT-L/4: the paper recipe (configs/default.py) with this model."""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model.name = "DiT-L/4"
+    return config
