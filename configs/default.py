@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                    # -1: all devices not used by fsdp
     c.mesh.fsdp = 1
+    c.mesh.num_devices = 0              # 0: every device; N: the first N (e.g. 1 to debug)
     # logical axis -> mesh axis (parameters are split along their wide 'mlp' axis over 'fsdp')
     c.mesh.rules = (("batch", ("data", "fsdp")), ("embed", None), ("mlp", "fsdp"), ("vocab", None))
 

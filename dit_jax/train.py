@@ -255,10 +255,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
 
     data_dir = resolve_data_dir(config)
     meta = latents_lib.read_metadata(data_dir)
-    devices = jax.devices()
+    devices = jax.devices()[: config.mesh.num_devices or None]
     validate_config(config, meta, len(devices))
     model = model_from_config(config, meta)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
     diffusion = diffusion_lib.create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
                                                diffusion_steps=config.diffusion.steps,

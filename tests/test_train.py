@@ -1,0 +1,115 @@
+"""The training system on tiny configs: config errors, exact resume, 1 vs 8 devices, non-finite
+stop, initialising from a converted checkpoint."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from dit_jax import checkpoints, models, train
+
+sys.path.insert(0, str(REPO))
+from configs import demo  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    root = tmp_path_factory.getbasetemp() / "dit_jax_cache"
+    monkeypatch.setenv("DIT_JAX_CACHE", str(root))
+    return root
+
+
+def tiny_config(**overrides):
+    c = demo.get_config()
+    c.model.depth, c.model.hidden_size, c.model.num_heads, c.model.patch_size = 1, 32, 2, 8
+    c.batch_size = 16
+    c.num_train_steps = 4
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 100
+    c.sample.every_steps = 0
+    c.optimizer.warmup_steps = 0
+    c.ema_decay = 0.9
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"batch_size": 12}, "not divisible by the 8 devices"),
+    ({"model.name": "XXL/2"}, "Unknown model name"),
+    ({"data.dir": "/nonexistent/latents"}, "does not exist"),
+    ({"data.image_size": 256}, "does not match the dataset"),
+    ({"model.patch_size": 3}, "does not divide"),
+])
+def test_invalid_configs_fail_before_compiling(tmp_path, override, message):
+    config = tiny_config(**override)
+    if "model.name" in override:
+        config.model.depth = config.model.hidden_size = config.model.num_heads = config.model.patch_size = None
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not os.path.isdir(tmp_path / "w" / "checkpoints")
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full = train.train_and_evaluate(tiny_config(num_train_steps=6), str(tmp_path / "full"))
+    split = str(tmp_path / "split")
+    assert train.train_and_evaluate(tiny_config(num_train_steps=3), split) is not None
+    resumed = train.train_and_evaluate(tiny_config(num_train_steps=6), split)
+    assert int(resumed.step) == 6
+    for a, b in zip(leaves(full.params) + leaves(full.ema_params) + leaves(full.opt_state),
+                    leaves(resumed.params) + leaves(resumed.ema_params) + leaves(resumed.opt_state)):
+        np.testing.assert_array_equal(a, b)
+    assert losses(tmp_path / "full") == losses(split)  # steps 1-3, then 4-6 after the resume
+
+
+def test_eight_devices_follow_one_device(tmp_path):
+    one = train.train_and_evaluate(tiny_config(**{"mesh.num_devices": 1}), str(tmp_path / "one"))
+    eight = train.train_and_evaluate(tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2}), str(tmp_path / "eight"))
+    np.testing.assert_allclose(losses(tmp_path / "one"), losses(tmp_path / "eight"), rtol=2e-5)
+    for a, b in zip(leaves(one.params), leaves(eight.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    kernel = eight.params["blocks_0"]["mlp"]["fc1"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+def test_non_finite_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
+    config = tiny_config(**{"optimizer.learning_rate": 1e30, "num_train_steps": 6, "checkpoint_every_steps": 1})
+    with pytest.raises(train.TrainingError, match=r"non-finite at step (\d+).*last good checkpoint is step") as info:
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+    manager = checkpoints.train_checkpoint_manager(str(tmp_path / "w" / "checkpoints"), config)
+    for step in manager.all_steps():  # nothing non-finite was ever written
+        model, ema, _, _ = train.load_ema_from_workdir(str(tmp_path / "w"), step)
+        assert all(np.isfinite(x).all() for x in leaves(ema))
+    assert "grad_clip" in str(info.value)
+
+
+def test_initialise_from_a_converted_checkpoint(tmp_path):
+    config = tiny_config(**{"optimizer.learning_rate": 0.0, "num_train_steps": 1})
+    meta = {"latent_shape": [32, 32, 1], "num_classes": 10}
+    model = train.model_from_config(config, meta)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.05,
+                                    models.abstract_params(model))
+    path = tmp_path / "init.npz"
+    np.savez(path, **checkpoints.state_dict_from_dit_params(params, model.patch_size))
+    config.model.init_checkpoint = str(path)
+    state = train.train_and_evaluate(config, str(tmp_path / "w"))
+    for a, b in zip(leaves(params), leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
