@@ -113,3 +113,37 @@ def test_initialise_from_a_converted_checkpoint(tmp_path):
     state = train.train_and_evaluate(config, str(tmp_path / "w"))
     for a, b in zip(leaves(params), leaves(state.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_the_current_step_and_resume_finishes(tmp_path, cache):
+    """A real process: SIGTERM after a few steps -> a checkpoint at the current step, exit 0;
+    the same command then runs to the end from there."""
+    import signal
+    import subprocess
+    import time
+    workdir = tmp_path / "w"
+    args = [sys.executable, "-m", "dit_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+            "--config.model.depth=1", "--config.model.hidden_size=32", "--config.model.num_heads=2",
+            "--config.model.patch_size=8", "--config.batch_size=16", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=1000", "--config.sample.every_steps=0"]
+    env = {**os.environ, "DIT_JAX_CACHE": str(cache)}
+    proc = subprocess.Popen(args + ["--config.num_train_steps=100000"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = 0
+    deadline = time.time() + 240
+    for line in proc.stdout:  # wait until it is really training
+        seen += line.startswith("step ")
+        if seen >= 3 or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "preempted: saved step" in out
+    saved = int(out.split("preempted: saved step ")[1].split()[0])
+    assert saved >= 3
+    manager = checkpoints.train_checkpoint_manager(str(workdir / "checkpoints"), tiny_config())
+    assert manager.latest_step() == saved
+    res = subprocess.run(args + [f"--config.num_train_steps={saved + 2}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"resumed from step {saved}" in res.stdout and f"step {saved + 2}/" in res.stdout
