@@ -21,6 +21,7 @@ import zlib
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+from flax import traverse_util
 
 try:  # bfloat16 for numpy; ships with jax
     import ml_dtypes
@@ -319,24 +320,6 @@ def _from_flax(path: tuple[str, ...], value: np.ndarray, patch_size: int) -> np.
     return value
 
 
-def _flatten(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
-def _unflatten(items):
-    out: dict = {}
-    for path, v in items:
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return out
-
-
 def describe_state_dict(sd: Mapping[str, np.ndarray]) -> Optional[dict]:
     """Infers DiT hyper-parameters from an official-layout state dict (None if it is not one)."""
     try:
@@ -367,7 +350,7 @@ def dit_params_from_state_dict(sd: Mapping[str, np.ndarray], model, *, source: s
     from dit_jax import models
     target = models.abstract_params(model)
     items, used, missing, mismatched = [], set(), [], []
-    for path, leaf in _flatten(target):
+    for path, leaf in traverse_util.flatten_dict(target).items():
         key = _torch_key(path)
         if key not in sd:
             missing.append(key)
@@ -397,13 +380,13 @@ def dit_params_from_state_dict(sd: Mapping[str, np.ndarray], model, *, source: s
                 f"{info['num_classes_plus_null'] - 1} classes + null"
                 + (f": model name {' or '.join(fits)}" if fits else ""))
         raise CheckpointError("\n".join(lines))
-    return _unflatten(items)
+    return traverse_util.unflatten_dict(dict(items))
 
 
 def state_dict_from_dit_params(params: Mapping, patch_size: int) -> dict[str, np.ndarray]:
     """Flax params -> official-layout state dict (numpy, float32)."""
     return {_torch_key(path): np.asarray(_from_flax(path, np.asarray(v, np.float32), patch_size))
-            for path, v in _flatten(params)}
+            for path, v in traverse_util.flatten_dict(params).items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -451,8 +434,8 @@ def load_params(directory: str, model=None) -> tuple[dict, dict]:
     params = jax.tree_util.tree_map(np.asarray, restored["params"])
     if model is not None:  # Orbax does not check shapes against a target; do it here
         from dit_jax import models
-        want = {path: tuple(v.shape) for path, v in _flatten(models.abstract_params(model))}
-        have = {path: tuple(v.shape) for path, v in _flatten(params)}
+        want = {path: tuple(v.shape) for path, v in traverse_util.flatten_dict(models.abstract_params(model)).items()}
+        have = {path: tuple(v.shape) for path, v in traverse_util.flatten_dict(params).items()}
         wrong = [f"{'/'.join(p)}: file {have.get(p)}, model {want.get(p)}"
                  for p in sorted(set(want) | set(have)) if want.get(p) != have.get(p)]
         if wrong:

@@ -44,6 +44,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dit_jax import checkpoints
@@ -439,24 +440,6 @@ def init_params(model: AutoencoderKL, key: Array) -> dict:
     return jax.jit(lambda r: model.init({"params": r}, x))(key)["params"]
 
 
-def _flatten(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
-def _unflatten(items) -> dict:
-    out: dict = {}
-    for path, v in items:
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return out
-
-
 def torch_key(path: Sequence[str]) -> str:
     """Flax path ('encoder', 'down_blocks_0', 'resnets_1', 'conv1', 'kernel') -> diffusers name
     'encoder.down_blocks.0.resnets.1.conv1.weight' (to_out_0 -> to_out.0, scale -> weight)."""
@@ -511,7 +494,7 @@ def vae_params_from_state_dict(sd: Mapping[str, np.ndarray], config: VAEConfig, 
         renamed[new], origin[new] = value, key
     target = abstract_params(AutoencoderKL(config))
     items, used, missing, mismatched = [], set(), [], []
-    for path, leaf in _flatten(target):
+    for path, leaf in traverse_util.flatten_dict(target).items():
         key = torch_key(path)
         if key not in renamed:
             missing.append(key)
@@ -543,7 +526,7 @@ def vae_params_from_state_dict(sd: Mapping[str, np.ndarray], config: VAEConfig, 
                 shown = keys[:12] + ([f"... ({len(keys) - 12} more)"] if len(keys) > 12 else [])
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(shown))
         raise CheckpointError("\n".join(lines))
-    return _unflatten(items)
+    return traverse_util.unflatten_dict(dict(items))
 
 
 # ----------------------------------------------------------------------------------------
