@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.noise_schedule = "linear"
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 1e-4    # AdamW, constant
+    c.optimizer.learning_rate = 1e-4    # AdamW
+    c.optimizer.schedule = "constant"   # the paper; "cosine" decays to 10% over the run
     c.optimizer.weight_decay = 0.0
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999

@@ -48,10 +48,17 @@ class TrainingError(RuntimeError):
 def resolve_data_dir(config) -> str:
     """The dataset directory; 'embedded' means the bundled MNIST set, built on first use."""
     if config.data.dir == "embedded":
+        if not 8 <= config.data.image_size <= 32:
+            raise ValueError(f"the embedded dataset holds 28px digits; config.data.image_size must be in [8, 32], "
+                             f"got {config.data.image_size}.")
         cache = os.environ.get("DIT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dit_jax"))
-        path = os.path.join(cache, "embedded_mnist5k")
+        size = config.data.image_size
+        path = os.path.join(cache, f"embedded_mnist5k_{size}px")
         if jax.process_index() == 0:
-            encode_lib.ensure_embedded_dataset(path)
+            encode_lib.ensure_embedded_dataset(path, image_size=size)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("dit_jax.embedded_dataset")
         return path
     if not config.data.dir:
         raise ValueError("config.data.dir is empty: give a latent dataset from dit_jax.data.encode, or 'embedded'.")
@@ -94,29 +101,32 @@ def validate_config(config, meta: dict, num_devices: int) -> None:
         raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay}.")
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    """AdamW (constant lr after an optional linear warm-up), optionally after global-norm
-    clipping. The fixed position table gets a zero gradient from the model (stop_gradient)
-    and no weight decay, so it never moves."""
+def lr_schedule(config):
+    """Constant (the paper) or cosine decay to 10% over the run, after an optional linear warm-up."""
     o = config.optimizer
-    lr = o.learning_rate
-    if o.warmup_steps:
-        lr = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
-                                   optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
+    if o.schedule == "constant":
+        main = optax.constant_schedule(o.learning_rate)
+    elif o.schedule == "cosine":
+        main = optax.cosine_decay_schedule(o.learning_rate, max(config.num_train_steps - o.warmup_steps, 1), alpha=0.1)
+    else:
+        raise ValueError(f"config.optimizer.schedule must be 'constant' or 'cosine', got {o.schedule!r}.")
+    if not o.warmup_steps:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), main], [o.warmup_steps])
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """AdamW on `lr_schedule`, optionally after global-norm clipping. The fixed position table
+    gets a zero gradient from the model (stop_gradient) and no weight decay, so it never moves."""
+    o = config.optimizer
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
             lambda path, _: getattr(path[0], "key", None) != "pos_embed", params)
 
-    adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+    adamw = optax.adamw(lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                        mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip else adamw
-
-
-def learning_rate(config, step):
-    o = config.optimizer
-    if o.warmup_steps:
-        return o.learning_rate * jnp.minimum(1.0, step / o.warmup_steps)
-    return jnp.asarray(o.learning_rate, jnp.float32)
 
 
 def init_state_fn(model, tx, seed: int, init_params=None):
@@ -170,7 +180,7 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT, diffusion: 
         opt_state=keep(opt_state, state.opt_state),
         nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step))
     metrics = {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean(), "grad_norm": grad_norm,
-               "learning_rate": learning_rate(config, state.step)}
+               "learning_rate": lr_schedule(config)(state.step)}
     return new_state, metrics
 
 

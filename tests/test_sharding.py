@@ -39,3 +39,25 @@ def test_mesh_shape_errors():
     with pytest.raises(ValueError, match="does not match"):
         sharding.make_mesh(data=3, fsdp=2)
     assert sharding.make_mesh(fsdp=2).shape == {"data": 4, "fsdp": 2}
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"SLURM_NTASKS": "1"}, False),
+    ({"SLURM_NTASKS": "4"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"}, True),
+])
+def test_distributed_initialisation_follows_the_environment(monkeypatch, env, expected):
+    for var in ("SLURM_NTASKS", "SLURM_NPROCS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append(kw))
+    assert sharding.maybe_initialize_distributed() is expected
+    assert len(calls) == int(expected)
+    calls.clear()
+    assert sharding.maybe_initialize_distributed("10.0.0.9:5555", 2, 1)
+    assert calls == [dict(coordinator_address="10.0.0.9:5555", num_processes=2, process_id=1)]

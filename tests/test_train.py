@@ -55,10 +55,13 @@ def leaves(tree):
     ({"batch_size": 12}, "not divisible by the 8 devices"),
     ({"model.name": "XXL/2"}, "Unknown model name"),
     ({"data.dir": "/nonexistent/latents"}, "does not exist"),
-    ({"data.image_size": 256}, "does not match the dataset"),
+    ({"data.image_size": 256}, "must be in \\[8, 32\\]"),
+    ({"data.dir": "EMBEDDED_16PX", "data.image_size": 28}, "does not match the dataset"),
     ({"model.patch_size": 3}, "does not divide"),
 ])
 def test_invalid_configs_fail_before_compiling(tmp_path, override, message):
+    if override.get("data.dir") == "EMBEDDED_16PX":  # a real dataset at another resolution
+        override = {**override, "data.dir": train.resolve_data_dir(tiny_config())}
     config = tiny_config(**override)
     if "model.name" in override:
         config.model.depth = config.model.hidden_size = config.model.num_heads = config.model.patch_size = None
@@ -102,7 +105,7 @@ def test_non_finite_loss_stops_with_the_step_and_last_good_checkpoint(tmp_path):
 
 def test_initialise_from_a_converted_checkpoint(tmp_path):
     config = tiny_config(**{"optimizer.learning_rate": 0.0, "num_train_steps": 1})
-    meta = {"latent_shape": [32, 32, 1], "num_classes": 10}
+    meta = {"latent_shape": [16, 16, 1], "num_classes": 10}
     model = train.model_from_config(config, meta)
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.05,

