@@ -32,6 +32,7 @@ def tiny_config(**overrides):
     c.checkpoint_every_steps = 100
     c.sample.every_steps = 0
     c.optimizer.warmup_steps = 0
+    c.optimizer.schedule = "constant"  # a cosine schedule depends on num_train_steps, which the resume test changes
     c.ema_decay = 0.9
     for key, value in overrides.items():
         node = c
@@ -150,3 +151,14 @@ def test_sigterm_saves_the_current_step_and_resume_finishes(tmp_path, cache):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"resumed from step {saved}" in res.stdout and f"step {saved + 2}/" in res.stdout
+
+
+def test_learning_rate_schedules():
+    const = train.lr_schedule(tiny_config(**{"optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 10}))
+    assert float(const(0)) == 0.0 and float(const(5)) == pytest.approx(5e-4) and float(const(500)) == pytest.approx(1e-3)
+    cos = train.lr_schedule(tiny_config(**{"optimizer.learning_rate": 1e-3, "optimizer.schedule": "cosine",
+                                           "num_train_steps": 110, "optimizer.warmup_steps": 10}))
+    assert float(cos(10)) == pytest.approx(1e-3) and float(cos(110)) == pytest.approx(1e-4, rel=1e-4)
+    assert float(cos(60)) == pytest.approx(1e-4 + 0.9e-3 * 0.5, rel=1e-4)
+    with pytest.raises(ValueError, match="schedule"):
+        train.lr_schedule(tiny_config(**{"optimizer.schedule": "step"}))
