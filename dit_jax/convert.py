@@ -12,7 +12,6 @@ file unless given.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Optional
 
 from absl import app, flags

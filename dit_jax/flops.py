@@ -13,12 +13,10 @@ latents); `--input_size 64` for 512x512, `--model XL/2` for one model.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
+from absl import flags
 
 from dit_jax import cli, models
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import einops
 import jax

@@ -11,14 +11,13 @@ batch run in one forward. Without --checkpoint the model has random weights (a s
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from dit_jax import cli, checkpoints, diffusion, models
 

@@ -1,7 +1,6 @@
 """Checkpoint files: real torch.save files read without PyTorch, refusal of unsafe pickles,
 corrupt files, safetensors/npz, official <-> Flax conversion and the Orbax round trip."""
 
-import io
 import os
 import pickle
 import zipfile

@@ -10,7 +10,6 @@ embedded dataset; its held-out accuracy is printed so the score can be read agai
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Optional, Sequence
