@@ -126,8 +126,7 @@ class FlakySource(sources.ImageSource):
 
 def test_interrupted_encode_resumes_without_duplicates(tmp_path):
     inner = sources.EmbeddedMnistSource(unit_size=300)
-    inner.labels, inner.images = inner.labels[:1500], inner.images[:1500]
-    inner._units = [(i, min(i + 300, 1500)) for i in range(0, 1500, 300)]
+    inner._index(1500, 300)  # the first 1,500 digits in units of 300
     flaky = FlakySource(inner, fail_unit=2)
     ae = autoencoder_lib.load_autoencoder("identity:32")
     out = tmp_path / "lat"

@@ -56,6 +56,28 @@ class ImageSource:
         return None
 
 
+class IndexedSource(ImageSource):
+    """A source of `n` examples addressed by index; units are runs of consecutive indices."""
+
+    def _index(self, n: int, unit_size: int) -> None:
+        self._n = n
+        self._units = [(i, min(i + unit_size, n)) for i in range(0, n, unit_size)]
+
+    def _example(self, index: int) -> Example:
+        raise NotImplementedError
+
+    def num_examples(self) -> int:
+        return self._n
+
+    def units(self) -> list:
+        return list(range(len(self._units)))
+
+    def examples(self, unit) -> Iterator[Example]:
+        start, stop = self._units[unit]
+        for i in range(start, stop):
+            yield self._example(i)
+
+
 # ----------------------------------------------------------------------------------------
 # ADM center crop
 # ----------------------------------------------------------------------------------------
@@ -190,7 +212,7 @@ class ImageNetTarSource(ImageSource):
 # TFDS image datasets on disk
 # ----------------------------------------------------------------------------------------
 
-class TfdsSource(ImageSource):
+class TfdsSource(IndexedSource):
     """A prepared TFDS image classification dataset (ArrayRecord: random access)."""
 
     def __init__(self, name: str, data_dir: Optional[str] = None, split: str = "train",
@@ -205,23 +227,15 @@ class TfdsSource(ImageSource):
         label = builder.info.features["label"]
         self.class_names = list(getattr(label, "names", None) or range(label.num_classes))
         self.name = name.split("/")[0]
-        n = len(self._source)
-        self._units = [(i, min(i + unit_size, n)) for i in range(0, n, unit_size)]
+        self._index(len(self._source), unit_size)
 
-    def num_examples(self) -> int:
-        return len(self._source)
-
-    def units(self) -> list:
-        return list(range(len(self._units)))
-
-    def examples(self, unit) -> Iterator[Example]:
-        start, stop = self._units[unit]
-        for i in range(start, stop):
-            ex = self._source[i]
-            image = np.asarray(ex["image"])
-            mode = "L" if image.ndim == 2 or image.shape[-1] == 1 else "RGB"
-            yield Example(str(i), int(ex["label"]),
-                          lambda image=image, mode=mode: Image.fromarray(image.squeeze(-1) if image.ndim == 3 and mode == "L" else image).convert(mode))
+    def _example(self, index: int) -> Example:
+        ex = self._source[index]
+        image = np.asarray(ex["image"])
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        mode = "L" if image.ndim == 2 else "RGB"
+        return Example(str(index), int(ex["label"]), lambda: Image.fromarray(image).convert(mode))
 
 
 # ----------------------------------------------------------------------------------------
@@ -245,27 +259,18 @@ def load_embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
     return data[:, :-1].reshape(-1, 28, 28).astype(np.uint8), data[:, -1]
 
 
-class EmbeddedMnistSource(ImageSource):
+class EmbeddedMnistSource(IndexedSource):
     """28x28 grayscale digits; ids 'mnist5k/<row>'."""
     name = "mnist5k"
     class_names = [str(i) for i in range(10)]
 
     def __init__(self, unit_size: int = UNIT_SIZE):
         self.images, self.labels = load_embedded_mnist()
-        n = len(self.labels)
-        self._units = [(i, min(i + unit_size, n)) for i in range(0, n, unit_size)]
+        self._index(len(self.labels), unit_size)
 
-    def num_examples(self) -> int:
-        return len(self.labels)
-
-    def units(self) -> list:
-        return list(range(len(self._units)))
-
-    def examples(self, unit) -> Iterator[Example]:
-        start, stop = self._units[unit]
-        for i in range(start, stop):
-            yield Example(f"mnist5k/{i:04d}", int(self.labels[i]),
-                          lambda i=i: Image.fromarray(self.images[i], mode="L"))
+    def _example(self, index: int) -> Example:
+        return Example(f"mnist5k/{index:04d}", int(self.labels[index]),
+                       lambda: Image.fromarray(self.images[index], mode="L"))
 
 
 def open_source(spec: str, split: str = "train") -> ImageSource:
