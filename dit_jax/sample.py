@@ -22,6 +22,13 @@ from absl import flags
 from dit_jax import cli, checkpoints, diffusion, models
 
 
+def guidance_channels(guidance: str) -> Optional[int]:
+    """'official' -> 3 (the reference guides latent channels 0-2 only); 'all' -> None (every channel)."""
+    if guidance not in ("official", "all"):
+        raise ValueError(f"guidance must be 'official' or 'all', got {guidance!r}.")
+    return 3 if guidance == "official" else None
+
+
 def sample_latents(model: models.DiT, params, labels: jax.Array, key: jax.Array, *,
                    sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 4.0,
                    guidance_channels: Optional[int] = 3, eta: float = 0.0, clip_denoised: bool = False) -> jax.Array:
@@ -107,7 +114,7 @@ def main(argv: Sequence[str]):
         print("no --checkpoint: random weights (smoke run)")
         params = models.init_params(model, jax.random.key(_SEED.value))
     kwargs = dict(sampler=_SAMPLER.value, steps=_STEPS.value, cfg_scale=_CFG.value, eta=_ETA.value,
-                  guidance_channels=3 if _GUIDANCE.value == "official" else None)
+                  guidance_channels=guidance_channels(_GUIDANCE.value))
     key = jax.random.key(_SEED.value)
     start = time.perf_counter()
     latents = jax.block_until_ready(sample_latents(model, params, jnp.asarray(labels), key, **kwargs))

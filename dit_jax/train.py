@@ -217,14 +217,13 @@ def write_sample_grid(model, ema_params, config, step: int, workdir: str, writer
     labels = np.repeat(np.asarray(s.classes, np.int32), s.num_per_class)
     if labels.max(initial=0) >= model.num_classes:
         raise ValueError(f"config.sample.classes {tuple(s.classes)} has labels >= {model.num_classes} classes.")
+    if autoencoder is None:  # nothing to decode the grid with: skip the sampling
+        return None
     latents = sample_lib.sample_latents(
         model, jax.device_get(ema_params), jnp.asarray(labels), jax.random.PRNGKey(config.seed + 1),
         sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
-        guidance_channels=3 if s.guidance == "official" else None, clip_denoised=s.clip_denoised)
-    latents = np.asarray(latents) / scaling_factor
-    if autoencoder is None:
-        return None
-    images = autoencoder.decode(latents)
+        guidance_channels=sample_lib.guidance_channels(s.guidance), clip_denoised=s.clip_denoised)
+    images = autoencoder.decode(np.asarray(latents) / scaling_factor)
     grid = sample_lib.make_grid(images, ncol=s.num_per_class if s.num_per_class > 1 else len(labels))
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
     sample_lib.save_png(grid, path)
@@ -315,8 +314,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
         if config.profile_steps:
             hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
                                                   first_profile=int(jax.device_get(state.step)) + 10))
-    train_flops_per_image = 3 * 2 * flops.forward_flops(model)  # fwd + bwd, multiply-add = 2 flops
     peak = peak_flops_per_device(config)
+    # MFU needs the training flops: fwd + bwd = 3 forwards, a multiply-add = 2 flops. Traced only when used.
+    train_flops_per_image = 3 * 2 * flops.forward_flops(model) if peak else None
     autoencoder = None
     if config.sample.every_steps and config.sample.autoencoder and is_main:
         from dit_jax import autoencoder as autoencoder_lib
