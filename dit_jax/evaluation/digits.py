@@ -98,6 +98,22 @@ def predict(params, images: np.ndarray, size: int = 28) -> np.ndarray:
                            for i in range(0, len(images), 500)])
 
 
+@jax.jit
+def _penultimate(params, x):
+    _, state = DigitClassifier().apply({"params": params}, x, capture_intermediates=True)
+    return nn.relu(state["intermediates"]["Dense_0"]["__call__"][0])
+
+
+def features(params, images: np.ndarray, size: int = 28) -> np.ndarray:
+    """The classifier's penultimate features (128-d, after ReLU) of [N, S, S, 1] images in
+    [-1, 1] (center size x size): the feature space of the digit Fréchet distance."""
+    images = np.asarray(images, np.float32)
+    top = (images.shape[1] - size) // 2
+    images = images[:, top: top + size, top: top + size]
+    return np.concatenate([np.asarray(_penultimate(params, images[i:i + 500]))
+                           for i in range(0, len(images), 500)])
+
+
 def cached_classifier(size: int = 28, cache_dir: Optional[str] = None, log=print) -> tuple[dict, float]:
     from flax import serialization
     cache_dir = cache_dir or os.environ.get("DIT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dit_jax"))
