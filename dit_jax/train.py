@@ -267,6 +267,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
     devices = jax.devices()[: config.mesh.num_devices or None]
     validate_config(config, meta, len(devices))
     model = model_from_config(config, meta)
+    fid = None
+    if config.eval.every_steps and jax.process_index() == 0:  # checked now, built on first use
+        from dit_jax.evaluation import during_training
+        fid = during_training.FidDuringTraining(config, model, meta, data_dir, workdir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
     diffusion = diffusion_lib.create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
@@ -373,6 +377,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
                     if path:
                         print(f"step {step}: EMA samples -> {path}")
                     t_window = time.perf_counter()  # sampling time is not training time
+                if fid is not None and step % config.eval.every_steps == 0:
+                    start = time.perf_counter()
+                    values = fid(state.ema_params, step)
+                    writer.write_scalars(step, values)
+                    log_eval(workdir, step, values, time.perf_counter() - start)
+                    t_window = time.perf_counter()
                 if preemption.requested or manager.reached_preemption(step):
                     if last_saved != step:
                         save(force=True)
@@ -425,6 +435,13 @@ def log_metrics(workdir: str, step: int, scalars: dict, total_steps: int) -> Non
           f"{scalars['images_per_sec']:.1f} img/s{extra} | eta {eta / 60:.1f} min", flush=True)
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+
+def log_eval(workdir: str, step: int, values: dict, seconds: float) -> None:
+    """Evaluation figures on the console and in workdir/metrics.jsonl (a line of their own)."""
+    print(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in values.items()) + f" ({seconds:.0f}s)", flush=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **values}) + "\n")
 
 
 def _flatten_config(config, prefix="") -> dict:
