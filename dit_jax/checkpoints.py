@@ -5,6 +5,9 @@ Nothing here executes code from a file. PyTorch `.pt/.pth/.bin` files (the zip f
 `torch.save` has written since 1.6) are read with a restricted unpickler that can only build
 tensors, ordered dicts and argparse namespaces; any other global in the pickle (os.system,
 builtins.eval, ...) is refused before it is called, with an error naming the file.
+TorchScript archives (`torch.jit.save`) are read the same way: their `__torch__.*` module
+classes become inert `TorchScriptObject` dicts of the module's attributes; the TorchScript
+code stored in the archive is never read.
 """
 
 from __future__ import annotations
@@ -99,20 +102,66 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+class TorchScriptObject(dict):
+    """What a `__torch__.<module path>.<Class>` object in a TorchScript archive becomes: a dict of
+    its pickled attributes (sub-modules, tensors as numpy arrays, ints, lists), with the
+    TorchScript class name in `torch_class`. Building one runs nothing from the file."""
+
+    torch_class = "__torch__"
+
+    def __setstate__(self, state):
+        if not isinstance(state, Mapping):
+            raise UnsafeCheckpointError(f"{self.torch_class}: unexpected object state of type {type(state).__name__}.")
+        self.update(state)
+
+    def __repr__(self):
+        return f"<{self.torch_class} {sorted(self)}>"
+
+
+_TORCHSCRIPT_CLASSES: dict[str, type] = {}
+
+
+def _torchscript_class(qualified_name: str) -> type:
+    """One inert TorchScriptObject subclass per TorchScript class name (e.g. '__torch__.inceptionv3.Conv2dLayer')."""
+    if qualified_name not in _TORCHSCRIPT_CLASSES:
+        _TORCHSCRIPT_CLASSES[qualified_name] = type(
+            "TorchScriptObject", (TorchScriptObject,), {"torch_class": qualified_name})
+    return _TORCHSCRIPT_CLASSES[qualified_name]
+
+
+def _build_intlist(values) -> list:
+    if not all(isinstance(v, int) for v in values):
+        raise UnsafeCheckpointError("torch.jit._pickle.build_intlist got non-integers.")
+    return list(values)
+
+
+# Extra globals a TorchScript archive's data.pkl may ask for (besides `__torch__.*` classes).
+_TORCHSCRIPT_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch.jit._pickle", "build_intlist"): _build_intlist,
+}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: str, read_record: Callable[[str], bytes]):
+    def __init__(self, file, path: str, read_record: Callable[[str], bytes], *,
+                 torchscript: bool = False, storage_dir: str = "data"):
         super().__init__(file)
         self._path, self._read_record = path, read_record
+        self._torchscript, self._storage_dir = torchscript, storage_dir
         self._storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module: str, name: str):
-        try:
+        if (module, name) in _ALLOWED_GLOBALS:
             return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise UnsafeCheckpointError(
-                f"{self._path}: refused to load: its pickle asks for the global "
-                f"'{module}.{name}', which a tensor checkpoint never needs (only tensors, "
-                "ordered dicts and argparse namespaces are allowed). Nothing was executed.") from None
+        if self._torchscript:
+            if (module, name) in _TORCHSCRIPT_GLOBALS:
+                return _TORCHSCRIPT_GLOBALS[(module, name)]
+            if module == "__torch__" or module.startswith("__torch__."):
+                return _torchscript_class(f"{module}.{name}")
+        raise UnsafeCheckpointError(
+            f"{self._path}: refused to load: its pickle asks for the global "
+            f"'{module}.{name}', which a tensor checkpoint never needs (only tensors, "
+            "ordered dicts, argparse namespaces and TorchScript module attributes are allowed). "
+            "Nothing was executed.")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
@@ -120,7 +169,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(f"{self._path}: unexpected persistent id {pid!r} in the pickle.")
         _, storage_type, key, _location, numel = pid
         if key not in self._storages:
-            raw = self._read_record(f"data/{key}")
+            raw = self._read_record(f"{self._storage_dir}/{key}")
             dtype = storage_type.dtype
             if len(raw) < numel * dtype.itemsize:
                 raise CheckpointError(f"{self._path}: storage {key} holds {len(raw)} bytes, "
@@ -130,7 +179,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def read_torch_file(path: str) -> Any:
-    """Reads a `torch.save` zip file into nested dicts of numpy arrays, without PyTorch."""
+    """Reads a `torch.save` zip file into nested dicts of numpy arrays, without PyTorch.
+
+    A TorchScript archive (`torch.jit.save`: data.pkl + constants.pkl + code/) gives its root
+    module as a `TorchScriptObject` (sub-modules nested, parameters as numpy arrays); its
+    constants table is in `.constants`. `flatten_torchscript` turns it into a state dict."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file.")
@@ -157,12 +210,33 @@ def read_torch_file(path: str) -> Any:
                 except KeyError:
                     raise CheckpointError(f"{path}: the record {name} is missing; the file is incomplete.") from None
 
-            unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pkl[0])), path, read_record)
-            return unpickler.load()
+            torchscript = prefix + "constants.pkl" in names
+            unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pkl[0])), path, read_record,
+                                             torchscript=torchscript)
+            obj = unpickler.load()
+            if torchscript:
+                constants = _RestrictedUnpickler(io.BytesIO(archive.read(prefix + "constants.pkl")), path,
+                                                 read_record, torchscript=True, storage_dir="constants").load()
+                if isinstance(obj, TorchScriptObject):
+                    obj.constants = constants
+            return obj
     except (zipfile.BadZipFile, EOFError, zlib.error, struct.error) as e:
         raise CheckpointError(f"{path}: corrupt or truncated PyTorch checkpoint ({e}).") from None
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: corrupt pickle in the checkpoint ({e}).") from None
+
+
+def flatten_torchscript(module: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+    """TorchScriptObject tree -> {'net.layers.conv.weight': array, ...}: every tensor attribute
+    under its dotted module path (ints, flags and lists are left out)."""
+    flat = {}
+    for key, value in module.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, np.ndarray):
+            flat[name] = value
+        elif isinstance(value, TorchScriptObject):
+            flat.update(flatten_torchscript(value, name + "."))
+    return flat
 
 
 # ----------------------------------------------------------------------------------------
@@ -246,6 +320,8 @@ def read_state_dict(path: str, *, which: str = "ema", prefix: str = "") -> dict[
     ext = os.path.splitext(path)[1].lower()
     if ext in (".pt", ".pth", ".bin", ".ckpt"):
         obj = read_torch_file(path)
+        if isinstance(obj, TorchScriptObject):
+            obj = flatten_torchscript(obj)
     elif ext == ".safetensors":
         obj = read_safetensors(path)
     elif ext == ".npz":
@@ -468,29 +544,159 @@ def train_checkpoint_manager(directory: str, config):
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+FINGERPRINT_ITEM = "fingerprint"
+
+
+def _key_name(key) -> str:
+    """A key-path entry as a plain name, the same for a TrainState field and the dict key
+    Orbax restores it under (and for a tuple index and its restored list index)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _leaf_digest(x):
+    """Two uint32 sums of a leaf's raw bits, each element weighted by an odd hash of its
+    index. Wrapping integer sums do not depend on the reduction order (sharding, devices),
+    and changing any one element changes both sums."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    u = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)  # 8-byte values: a trailing dim of 2
+    index, stride = jnp.zeros(u.shape, jnp.uint32), 1
+    for d in reversed(range(u.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= u.shape[d]
+
+    def weight(h):
+        h = h * jnp.uint32(0x9E3779B1)
+        h = h ^ (h >> 16)
+        h = h * jnp.uint32(0x85EBCA6B)
+        return (h ^ (h >> 13)) | jnp.uint32(1)
+
+    return jnp.stack([jnp.sum(u * weight(index), dtype=jnp.uint32),
+                      jnp.sum(u * weight(index ^ jnp.uint32(0x5BD1E995)), dtype=jnp.uint32)])
+
+
+def state_fingerprint(state, data_state: Optional[dict] = None) -> dict:
+    """{"state": {leaf path: [two uint32 digests]}, "data": sha256 of the data state}: saved
+    with every training checkpoint and checked on restore, so a checkpoint whose bytes changed
+    after it was written (a garbled or half-overwritten file) is never loaded silently."""
+    import hashlib
+    import jax
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    names = ["/".join(_key_name(k) for k in path) for path, _ in flat]
+    digests = jax.device_get(_digest_leaves([leaf for _, leaf in flat]))
+    out = {"state": {n: [int(v) for v in np.asarray(d)] for n, d in zip(names, digests)}}
+    if data_state is not None:
+        out["data"] = hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+def _digest_leaves(leaves):
+    import jax
+    global _DIGEST_FN
+    if _DIGEST_FN is None:
+        _DIGEST_FN = jax.jit(lambda xs: [_leaf_digest(x) for x in xs])
+    return _DIGEST_FN(leaves)
+
+
+_DIGEST_FN = None
+
+
 def save_train_state(manager, step: int, state, data_state: dict, *, force: bool = False) -> bool:
-    """Saves the train state (params, EMA, optimizer, step, RNG) and the data iterator state."""
+    """Saves the train state (params, EMA, optimizer, step, RNG), the data iterator state and
+    their fingerprint (checked by `restore_checkpoint`)."""
     import orbax.checkpoint as ocp
+    fingerprint = {"step": int(step), **state_fingerprint(state, data_state)}
     return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      data=ocp.args.JsonSave(data_state)), force=force)
+                                                      data=ocp.args.JsonSave(data_state),
+                                                      **{FINGERPRINT_ITEM: ocp.args.JsonSave(fingerprint)}),
+                        force=force)
 
 
-def restore_train_state(manager, abstract_state, shardings, log=print):
-    """(state, data_state, step) from the newest checkpoint that restores, or None if there is
-    none. A checkpoint that fails to restore is reported and the previous one is tried."""
+def _step_dir(manager, step: int):
+    """The step's directory as an etils Path (local or cloud storage)."""
+    return manager.directory / str(step)
+
+
+def restore_checkpoint(manager, step: int, abstract_state=None, shardings=None, log=print):
+    """(state, data_state) of training checkpoint `step`, placed as `abstract_state` with
+    `shardings` (or as saved, when None) and verified against the fingerprint saved with it.
+    Raises CheckpointError naming the step and what is wrong with it."""
     import jax
     import orbax.checkpoint as ocp
-    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract_state, shardings)
+    target = None
+    if abstract_state is not None:
+        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        abstract_state, shardings)
+    where = f"checkpoint step {step} in {manager.directory}"
+    items = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+    has_fingerprint = (_step_dir(manager, step) / FINGERPRINT_ITEM).exists()
+    if has_fingerprint:
+        items[FINGERPRINT_ITEM] = ocp.args.JsonRestore()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # Orbax/TensorStore raise many types for missing or damaged files
+        message = " ".join(str(e).split())
+        raise CheckpointError(f"{where} cannot be restored ({type(e).__name__}: {message[:300]})") from None
+    if not has_fingerprint:
+        log(f"warning: {where} has no fingerprint (written by an older version); its contents are not verified")
+        return restored["state"], restored["data"]
+    saved = restored[FINGERPRINT_ITEM]
+    got = {"step": int(step), **state_fingerprint(restored["state"], restored["data"])}
+    if saved != got:
+        wrong = sorted(k for k in set(saved.get("state", {})) | set(got["state"])
+                       if saved.get("state", {}).get(k) != got["state"].get(k))
+        if saved.get("data") != got.get("data"):
+            wrong.append("the data iterator state")
+        if saved.get("step") != step:
+            wrong.append(f"the step (saved as {saved.get('step')})")
+        shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise CheckpointError(f"{where} is corrupt: its contents do not match the fingerprint written with it "
+                              f"({shown})")
+    return restored["state"], restored["data"]
+
+
+def restore_train_state(manager, abstract_state=None, shardings=None, log=print, *, set_aside_bad: bool = False):
+    """(state, data_state, step) from the newest checkpoint that restores and verifies, or None
+    if there is none. A checkpoint that fails is reported by step and the previous one is
+    tried; nothing is taken from a checkpoint that fails. With `set_aside_bad`, failed steps
+    newer than the one restored are moved to `<checkpoints>.unusable/` (so that training can
+    write those steps again). If every checkpoint fails, CheckpointError: none is touched."""
+    failures = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                     data=ocp.args.JsonRestore()))
-        except Exception as e:  # a corrupt or truncated checkpoint: fall back to an older one
-            log(f"checkpoint step {step} in {manager.directory} cannot be restored ({type(e).__name__}: "
-                f"{str(e)[:200]}); trying the previous one")
+            state, data = restore_checkpoint(manager, step, abstract_state, shardings, log=log)
+        except CheckpointError as e:
+            log(f"{e}; trying the previous one")
+            failures.append(step)
             continue
-        return restored["state"], restored["data"], step
-    if manager.all_steps():
-        raise CheckpointError(f"no checkpoint in {manager.directory} could be restored; move them away to start over.")
+        if failures and set_aside_bad:
+            _set_aside(manager, failures, log)
+        return state, data, step
+    if failures:
+        raise CheckpointError(f"none of the checkpoints in {manager.directory} (steps "
+                              f"{', '.join(map(str, sorted(failures)))}) could be restored; they were left as they "
+                              "are. Move them away to start over, or restore a backup.")
     return None
+
+
+def _set_aside(manager, steps, log) -> None:
+    import time
+    import jax
+    if jax.process_index() == 0:
+        root = manager.directory.parent / (manager.directory.name + ".unusable")
+        root.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            dest = root / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+            _step_dir(manager, step).rename(dest)
+            log(f"moved the unusable checkpoint step {step} to {dest}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("dit_jax.set_aside_checkpoints")
+    manager.reload()
