@@ -32,68 +32,32 @@ METRIC = "fd_digits"
 
 
 # ----------------------------------------------------------------------------------------
-# Frechet distance on digit-classifier features
+# Frechet distance on digit-classifier features (dit_jax.evaluation.digits / metrics)
 # ----------------------------------------------------------------------------------------
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), with tr (S1 S2)^1/2 from the eigenvalues of
-    S1^1/2 S2 S1^1/2 (symmetric PSD, so no complex square roots)."""
-    import numpy as np
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    w, v = np.linalg.eigh(s1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.linalg.eigvalsh(root1 @ s2 @ root1)
-    tr_sqrt = np.sqrt(np.clip(cross, 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
-
-
-def feature_stats(features):
-    import numpy as np
-    f = np.asarray(features, np.float64)
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
-def classifier_features(params, images, size: int):
-    """Penultimate activations (ReLU of the 128-unit dense layer) of the digit classifier for
-    [N, S, S, 1] images in [-1, 1] (the center size x size)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from dit_jax.evaluation import digits
-
-    @jax.jit
-    def feats(x):
-        _, state = digits.DigitClassifier().apply({"params": params}, x, mutable=["intermediates"],
-                                                  capture_intermediates=lambda m, _: m.name == "Dense_0")
-        return jax.nn.relu(state["intermediates"]["Dense_0"]["__call__"][0])
-
-    images = np.asarray(images, np.float32)
-    top = (images.shape[1] - size) // 2
-    images = images[:, top: top + size, top: top + size]
-    return np.concatenate([np.asarray(feats(jnp.asarray(images[i: i + 500]))) for i in range(0, len(images), 500)])
-
 
 class Evaluator:
     """FD-digits of class-conditional samples against the held-out real digits."""
 
     def __init__(self, size: int, log=print):
         import numpy as np
-        from dit_jax.evaluation import digits
+        from dit_jax.evaluation import digits, metrics
         self.size = size
         self.classifier, self.classifier_accuracy = digits.cached_classifier(size, log=log)
         (x_train, _), (x_held, _) = digits._split(0, size)  # the classifier's own train / held-out split
-        self.reference = feature_stats(classifier_features(self.classifier, x_held, size))
+        self.reference = metrics.compute_statistics(digits.features(self.classifier, x_held, size))
         subset = x_train[np.random.default_rng(1).permutation(len(x_train))[: len(x_held)]]
-        self.floor = frechet_distance(*feature_stats(classifier_features(self.classifier, subset, size)),
-                                      *self.reference)
+        self.floor = self.fd(subset)
+
+    def fd(self, images) -> float:
+        from dit_jax.evaluation import digits, metrics
+        stats = metrics.compute_statistics(digits.features(self.classifier, images, self.size))
+        return float(stats.frechet_distance(self.reference))
 
     def score(self, images, labels) -> dict:
         import numpy as np
         from dit_jax.evaluation import digits
-        fd = frechet_distance(*feature_stats(classifier_features(self.classifier, images, self.size)), *self.reference)
         accuracy = float(np.mean(digits.predict(self.classifier, images, self.size) == labels))
-        return {METRIC: fd, "digit_accuracy": accuracy}
+        return {METRIC: self.fd(images), "digit_accuracy": accuracy}
 
 
 def sample_checkpoint(workdir: str, step: int, per_class: int, *, sampler: str = "ddim", steps: int = 50,

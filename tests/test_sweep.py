@@ -224,29 +224,39 @@ def test_spearman():
 
 
 # ----------------------------------------------------------------------------------------
-# Toy study: Frechet distance on digit-classifier features
+# Toy study: checkpoints scored once each, results in eval.jsonl
 # ----------------------------------------------------------------------------------------
 
-def test_frechet_distance():
+def test_toy_evaluation_scores_each_checkpoint_once(tmp_path, monkeypatch):
     from launch import toy_sweep
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(4000, 3)) @ np.diag([1.0, 2.0, 0.5])
-    mu, sigma = toy_sweep.feature_stats(a)
-    assert toy_sweep.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
-    # Gaussians with diagonal covariances: |mu1 - mu2|^2 + sum (s1 - s2)^2
-    s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 4.0, 1.0])
-    fd = toy_sweep.frechet_distance(np.zeros(3), s1, np.ones(3), s2)
-    assert fd == pytest.approx(3 + (1 - 2) ** 2 + 0 + (3 - 1) ** 2)
+    w = tmp_path / "w32-p4"
+    fake_finished(str(w), [100, 200])
+    sampled = []
+
+    def fake_sample(workdir, step, per_class, **kwargs):
+        sampled.append(step)
+        return np.zeros((10 * per_class, 16, 16, 1), np.float32), np.repeat(np.arange(10), per_class)
+
+    class FakeEvaluator:
+        def score(self, images, labels):
+            return {"fd_digits": float(len(images)), "digit_accuracy": 0.5}
+
+    monkeypatch.setattr(toy_sweep, "sample_checkpoint", fake_sample)
+    new = toy_sweep.evaluate_run(str(w), FakeEvaluator(), 3, sampler="ddim", steps=5, log=lambda *_: None)
+    assert [r["step"] for r in new] == [100, 200] and new[0]["fd_digits"] == 30.0 and new[0]["eval_samples"] == 30
+    fake_finished(str(w), [300])
+    toy_sweep.evaluate_run(str(w), FakeEvaluator(), 3, sampler="ddim", steps=5, log=lambda *_: None)
+    assert sampled == [100, 200, 300]
+    assert [r["step"] for r in report.read_jsonl(str(w / "eval.jsonl"))] == [100, 200, 300]
 
 
-def test_classifier_features_are_penultimate():
-    import jax
-    from dit_jax.evaluation import digits
+def test_toy_sweep_plan(tmp_path, capsys):
     from launch import toy_sweep
-    x = np.random.default_rng(0).uniform(-1, 1, (7, 16, 16, 1)).astype(np.float32)
-    params = digits.DigitClassifier().init(jax.random.PRNGKey(0), x[:1])["params"]
-    f = toy_sweep.classifier_features(params, x, 16)
-    assert f.shape == (7, 128) and (f >= 0).all()
-    logits = np.asarray(digits._logits(params, x))
-    np.testing.assert_allclose(f @ np.asarray(params["Dense_1"]["kernel"]) + np.asarray(params["Dense_1"]["bias"]),
-                               logits, rtol=1e-4, atol=1e-4)
+    code, out, err = run_cli(toy_sweep, capsys, f"--root={tmp_path}", "--dry_run", "--steps=1000", "--evals=4")
+    assert code == 0, err
+    assert "6 run(s), 0 done, 6 to run" in out
+    assert ("--config=configs/demo.py --workdir=" + str(tmp_path / "w128-p2") + " --config.model.hidden_size=128 "
+            "--config.model.patch_size=2 --config.model.depth=4 --config.num_train_steps=1000 "
+            "--config.checkpoint_every_steps=250 --config.keep_checkpoints=5") in out
+    code, _, err = run_cli(toy_sweep, capsys, f"--root={tmp_path}", "--steps=1000", "--evals=3")
+    assert code == 1 and "multiple of --evals" in err
