@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from typing import Optional, Sequence
 
-import numpy as np
 from absl import flags
 
 from dit_jax import cli

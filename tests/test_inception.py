@@ -13,7 +13,6 @@ layer are exercised).
 import contextlib
 import json
 import os
-import pathlib
 import struct
 import subprocess
 import sys
