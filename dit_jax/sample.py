@@ -9,7 +9,7 @@ checkpoint (model name, image size and VAE from flags):
       --vae=stabilityai/sd-vae-ft-ema --labels=207,360,387,974 --cfg_scale=4 --output=grid.png
 
 An evaluation set (uniform random labels, cfg 1.5 by default, every local device and every
-host, resumable; `arr_0` uint8 NHWC and `arr_1` labels, as ADM's evaluator reads):
+host, resumable; `arr_0` uint8 NHWC RGB and `arr_1` labels, as ADM's evaluator reads):
 
   python -m dit_jax.sample --checkpoint=DiT-XL-2-256x256.pt --model=XL/2 --num_samples=50000 \
       --per_device_batch=64 --output=samples.npz [--png_dir=samples/]
@@ -181,7 +181,8 @@ def sample_eval_set(s: Sampler, output: str, num_samples: int, *, per_device_bat
                     eta: float = 0.0, seed: int = 0, png_dir: Optional[str] = None, keep_parts: bool = False,
                     max_chunks: Optional[int] = None, progress: bool = True, log=print) -> Optional[str]:
     """Samples `num_samples` images with uniform random labels into an ADM-format .npz
-    (`arr_0` uint8 [N, H, W, C] NHWC, `arr_1` int labels).
+    (`arr_0` uint8 [N, H, W, 3] NHWC, grayscale repeated to RGB as the evaluator expects;
+    `arr_1` int labels).
 
     Work is split in chunks of per_device_batch x local devices; chunk c belongs to process
     c mod process_count and is a pure function of (seed, c), so the set does not depend on
@@ -232,7 +233,7 @@ def sample_eval_set(s: Sampler, output: str, num_samples: int, *, per_device_bat
                                  eta=eta, clip_denoised=s.pixel_space,
                                  noise=jax.device_put(noise, batch_sharding))
         images = images_to_uint8(decode(latents))
-        buf = _npz_bytes(images=images, labels=labels)
+        buf = _npz_bytes(images=np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images, labels=labels)
         _write_atomic(_chunk_path(parts, c), buf)
         if png_dir:
             for i, image in enumerate(images):

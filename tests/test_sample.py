@@ -35,7 +35,8 @@ def test_eval_set_is_adm_format_and_exact_after_interruption(tmp_path, tiny_samp
     assert sample.sample_eval_set(tiny_sampler, str(full), 20, **KW) == str(full)
     with np.load(full) as f:
         images, labels = f["arr_0"], f["arr_1"]
-    assert images.dtype == np.uint8 and images.shape == (20, 8, 8, 1)
+    assert images.dtype == np.uint8 and images.shape == (20, 8, 8, 3)  # grayscale as RGB
+    assert (images[..., 0] == images[..., 2]).all()
     assert labels.shape == (20,) and labels.min() >= 0 and labels.max() < 5
     assert len(np.unique(labels)) > 1 and images.std() > 0
     assert not os.path.exists(str(full) + ".parts")
@@ -89,7 +90,7 @@ def test_sample_cli_eval_set_and_grid(tmp_path):
                                  f"--png_dir={tmp_path / 'png'}"], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr
     with np.load(out) as f:
-        assert f["arr_0"].shape == (6, 8, 8, 1) and f["arr_0"].dtype == np.uint8
+        assert f["arr_0"].shape == (6, 8, 8, 3) and f["arr_0"].dtype == np.uint8
     assert sorted(os.listdir(tmp_path / "png")) == [f"{i:06d}.png" for i in range(6)]
     grid = tmp_path / "grid.png"
     res = subprocess.run(base + ["--labels=0,1,2,3", f"--output={grid}"], capture_output=True, text=True, env=env,
