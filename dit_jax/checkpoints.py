@@ -177,6 +177,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
             self._storages[key] = np.frombuffer(raw, dtype=dtype, count=numel)
         return self._storages[key]
 
+    def load(self):
+        """Unpickles; a pickle that misuses the allowed callables (wrong arguments or state)
+        is a CheckpointError naming the file, like any other damaged checkpoint."""
+        try:
+            return super().load()
+        except (CheckpointError, pickle.UnpicklingError):
+            raise
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError, RecursionError) as e:
+            raise CheckpointError(f"{self._path}: malformed pickle in the checkpoint ({type(e).__name__}: {e}); "
+                                  "only the allowed tensor-building functions were called.") from None
+
 
 def read_torch_file(path: str) -> Any:
     """Reads a `torch.save` zip file into nested dicts of numpy arrays, without PyTorch.
@@ -265,7 +276,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}).") from None
         data = f.read()
-    out = {}
+    out, spans = {}, []
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -281,6 +292,17 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
                 f"{path}: tensor {key!r} claims bytes [{start}, {end}) for shape {shape} {dtype} "
                 f"({want} bytes) but the data section has {len(data)} bytes; the header lies or the file is truncated.")
         out[key] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape).copy()
+        spans.append((start, end, key))
+    # The format stores the tensors back to back: overlapping or gapped offsets mean a bad header.
+    spans.sort()
+    for (_, prev_end, prev), (start, _, key) in zip([(0, 0, None)] + spans, spans):
+        if start != prev_end:
+            what = f"overlaps tensor {prev!r}" if start < prev_end else f"leaves a gap of {start - prev_end} bytes"
+            raise CheckpointError(f"{path}: tensor {key!r} starts at byte {start}, which {what}; "
+                                  "the header is corrupt.")
+    if spans and spans[-1][1] != len(data):
+        raise CheckpointError(f"{path}: the tensors end at byte {spans[-1][1]} but the data section has "
+                              f"{len(data)} bytes; the header is corrupt.")
     return out
 
 
@@ -534,14 +556,32 @@ def load_dit_params(path: str, model, *, which: str = "ema", prefix: str = "") -
 # Training checkpoints (Orbax CheckpointManager)
 # ----------------------------------------------------------------------------------------
 
-def train_checkpoint_manager(directory: str, config):
+def train_checkpoint_manager(directory: str, config=None, *, read_only: bool = False):
     """Async Orbax manager keeping the last `config.keep_checkpoints` steps plus every
-    `config.keep_every_steps`-th; leftovers of interrupted saves are cleaned at the next save."""
+    `config.keep_every_steps`-th; leftovers of interrupted saves are removed in the background
+    from the start. `read_only` (for readers such as sampling, which may run beside training):
+    never writes, deletes or cleans anything. Close it with `close_manager`."""
     import orbax.checkpoint as ocp
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_checkpoints, keep_period=config.keep_every_steps or None,
-        enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False)
+    else:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_checkpoints, keep_period=config.keep_every_steps or None,
+            enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def close_manager(manager) -> None:
+    """Waits for pending saves and for the start-up clean-up of interrupted saves (Orbax itself
+    waits for that only at the next save, so a run stopping before one would exit with it still
+    running), then closes the manager."""
+    wait_for_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait_for_cleanup is not None:
+        try:
+            wait_for_cleanup()
+        except Exception:  # a failed clean-up of leftovers must not hide why the run stopped
+            pass
+    manager.close()
 
 
 FINGERPRINT_ITEM = "fingerprint"
@@ -598,11 +638,12 @@ def state_fingerprint(state, data_state: Optional[dict] = None) -> dict:
 
 
 def _digest_leaves(leaves):
+    """One small compiled program per leaf shape (the params, EMA and Adam moments share them)."""
     import jax
     global _DIGEST_FN
     if _DIGEST_FN is None:
-        _DIGEST_FN = jax.jit(lambda xs: [_leaf_digest(x) for x in xs])
-    return _DIGEST_FN(leaves)
+        _DIGEST_FN = jax.jit(_leaf_digest)
+    return [_DIGEST_FN(leaf) for leaf in leaves]
 
 
 _DIGEST_FN = None

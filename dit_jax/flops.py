@@ -89,6 +89,7 @@ def forward_flops(model: models.DiT, batch: int = 1) -> int:
 
 def model_stats(name: str, input_size: int = 32, **overrides) -> dict:
     model = models.create_model(name, input_size=input_size, **overrides)
+    model.check_config()
     return dict(name=models.canonical_name(name), params=models.count_params(models.abstract_params(model)),
                 gflops=forward_flops(model) / 1e9, tokens=model.num_patches)
 

@@ -23,6 +23,10 @@ def main(argv):
     config = flags.FLAGS.config
     if config is None:
         raise ValueError("--config is required, e.g. --config=configs/demo.py.")
+    try:
+        config.seed  # ml_collections reports a config file that did not load on first use
+    except OSError as e:
+        raise ValueError(f"the config file did not load: {' '.join(str(e.__cause__ or e).split())}") from None
     sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.train_and_evaluate(config, _WORKDIR.value)
 

@@ -345,6 +345,12 @@ class DiT(nn.Module):
         return (self.input_size // self.patch_size) ** 2
 
     def check_config(self):
+        bad = [f"{k}={getattr(self, k)}" for k in ("input_size", "patch_size", "in_channels", "hidden_size",
+                                                   "depth", "num_heads") if getattr(self, k) <= 0]
+        if self.num_classes < 0:
+            bad.append(f"num_classes={self.num_classes}")
+        if bad:
+            raise ValueError(f"model sizes must be positive (num_classes at least 0), got {', '.join(bad)}.")
         if self.block_type not in BLOCK_TYPES:
             raise ValueError(f"Unknown block_type {self.block_type!r}; choose one of {BLOCK_TYPES}.")
         if self.input_size % self.patch_size:

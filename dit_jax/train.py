@@ -99,6 +99,18 @@ def validate_config(config, meta: dict, num_devices: int) -> None:
         raise ValueError(f"num_train_steps must be positive, got {config.num_train_steps}.")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay}.")
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if config[key] <= 0:
+            raise ValueError(f"config.{key} must be positive, got {config[key]}.")
+    try:
+        jnp.dtype(config.model.dtype)
+    except TypeError:
+        raise ValueError(f"config.model.dtype {config.model.dtype!r} is not a dtype (e.g. 'bfloat16', 'float32').") from None
+    if config.sample.every_steps:
+        classes = list(config.sample.classes)
+        if not classes or min(classes) < 0 or max(classes) >= meta["num_classes"]:
+            raise ValueError(f"config.sample.classes {tuple(classes)} must lie in [0, {meta['num_classes'] - 1}] "
+                             f"(the dataset has {meta['num_classes']} classes).")
 
 
 def lr_schedule(config):
@@ -260,8 +272,6 @@ class _Preemption:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optional[TrainState]:
     """Trains until config.num_train_steps (resuming from `workdir` if it has checkpoints).
     Returns the final state, or None when stopped early by a preemption signal."""
-    from clu import metric_writers, periodic_actions
-
     data_dir = resolve_data_dir(config)
     meta = latents_lib.read_metadata(data_dir)
     devices = jax.devices()[: config.mesh.num_devices or None]
@@ -280,73 +290,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
-    init_params = None
     manager = checkpoints.train_checkpoint_manager(os.path.join(workdir, "checkpoints"), config)
-    if manager.latest_step() is None and config.model.init_checkpoint:
-        init_params = checkpoints.load_dit_params(config.model.init_checkpoint, model)
-    init = init_state_fn(model, tx, config.seed, init_params)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    state_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-    state_sharding = nn.meta.unbox(state_sharding)
-    batch_sharding = sharding.batch_sharding(mesh)
-    pipeline = pipeline_lib.InputPipeline(
-        data_dir, global_batch_size=config.batch_size, seed=config.seed, split=config.data.split,
-        sharding=batch_sharding, random_flip=config.data.random_flip,
-        num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+    writer = pipeline = None
+    try:  # from here on, close the manager (and what else was opened) however this ends
+        init_params = None
+        if manager.latest_step() is None and config.model.init_checkpoint:
+            init_params = checkpoints.load_dit_params(config.model.init_checkpoint, model)
+        init = init_state_fn(model, tx, config.seed, init_params)
+        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+        state_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+        state_sharding = nn.meta.unbox(state_sharding)
+        batch_sharding = sharding.batch_sharding(mesh)
+        pipeline = pipeline_lib.InputPipeline(
+            data_dir, global_batch_size=config.batch_size, seed=config.seed, split=config.data.split,
+            sharding=batch_sharding, random_flip=config.data.random_flip,
+            num_threads=config.data.num_threads, prefetch=config.data.prefetch)
 
-    restored = checkpoints.restore_train_state(manager, nn.meta.unbox(abstract), state_sharding)
-    if restored is not None:
-        state, data_state, restored_step = restored
-        pipeline.set_state(data_state)
+        restored = checkpoints.restore_train_state(manager, nn.meta.unbox(abstract), state_sharding,
+                                                   set_aside_bad=True)
+        if restored is not None:
+            state, data_state, restored_step = restored
+            pipeline.set_state(data_state)
+            if is_main:
+                trim_metrics(workdir, restored_step)
+                print(f"resumed from step {restored_step} in {workdir}")
+        else:
+            state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+
+        step_fn = jax.jit(functools.partial(train_step, model=model, diffusion=diffusion, tx=tx, config=config),
+                          in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
+                          donate_argnums=0)
+
+        from clu import metric_writers, periodic_actions  # imports TensorFlow: after the config checks
+        writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
         if is_main:
-            print(f"resumed from step {restored_step} in {workdir}")
-    else:
-        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+            save_run_config(workdir, config)
+        if is_main and restored is None:
+            writer.write_hparams({k: str(v) for k, v in _flatten_config(config).items()})
+        hooks = []
+        if is_main:
+            hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer))
+            if config.profile_steps:
+                hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                                      first_profile=int(jax.device_get(state.step)) + 10))
+        peak = peak_flops_per_device(config)
+        # MFU needs the training flops: fwd + bwd = 3 forwards, a multiply-add = 2 flops. Traced only when used.
+        train_flops_per_image = 3 * 2 * flops.forward_flops(model) if peak else None
+        autoencoder = None
+        if config.sample.every_steps and config.sample.autoencoder and is_main:
+            from dit_jax import autoencoder as autoencoder_lib
+            autoencoder = autoencoder_lib.load_autoencoder(config.sample.autoencoder)
 
-    step_fn = jax.jit(functools.partial(train_step, model=model, diffusion=diffusion, tx=tx, config=config),
-                      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
-                      donate_argnums=0)
+        step = int(jax.device_get(state.step))
+        last_saved = manager.latest_step()
+        window, t_window, steps_window = [], time.perf_counter(), 0
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-    if is_main:
-        save_run_config(workdir, config)
-    if is_main and restored is None:
-        writer.write_hparams({k: str(v) for k, v in _flatten_config(config).items()})
-    hooks = []
-    if is_main:
-        hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer))
-        if config.profile_steps:
-            hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
-                                                  first_profile=int(jax.device_get(state.step)) + 10))
-    peak = peak_flops_per_device(config)
-    # MFU needs the training flops: fwd + bwd = 3 forwards, a multiply-add = 2 flops. Traced only when used.
-    train_flops_per_image = 3 * 2 * flops.forward_flops(model) if peak else None
-    autoencoder = None
-    if config.sample.every_steps and config.sample.autoencoder and is_main:
-        from dit_jax import autoencoder as autoencoder_lib
-        autoencoder = autoencoder_lib.load_autoencoder(config.sample.autoencoder)
+        def check_finite():
+            bad = int(jax.device_get(state.nonfinite_step))
+            if bad >= 0:
+                good = manager.latest_step()
+                where = (f"the last good checkpoint is step {good} in {manager.directory}" if good is not None
+                         else "there is no checkpoint yet")
+                raise TrainingError(
+                    f"loss or gradient became non-finite at step {bad}; parameters were not updated from it and "
+                    f"{where}. Try a lower learning rate, config.optimizer.grad_clip, or config.model.dtype='float32'.")
 
-    step = int(jax.device_get(state.step))
-    last_saved = manager.latest_step()
-    window, t_window, steps_window = [], time.perf_counter(), 0
+        def save(force=False):
+            nonlocal last_saved
+            check_finite()  # never write a checkpoint of a diverged run
+            checkpoints.save_train_state(manager, step, state, pipeline.get_state(), force=force)
+            last_saved = step
 
-    def check_finite():
-        bad = int(jax.device_get(state.nonfinite_step))
-        if bad >= 0:
-            good = manager.latest_step()
-            where = (f"the last good checkpoint is step {good} in {manager.directory}" if good is not None
-                     else "there is no checkpoint yet")
-            raise TrainingError(
-                f"loss or gradient became non-finite at step {bad}; parameters were not updated from it and "
-                f"{where}. Try a lower learning rate, config.optimizer.grad_clip, or config.model.dtype='float32'.")
-
-    def save(force=False):
-        nonlocal last_saved
-        check_finite()  # never write a checkpoint of a diverged run
-        checkpoints.save_train_state(manager, step, state, pipeline.get_state(), force=force)
-        last_saved = step
-
-    try:
         with _Preemption() as preemption:
             while step < config.num_train_steps:
                 batch = next(pipeline)
@@ -393,23 +407,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
             save(force=True)
         return state
     finally:
-        manager.wait_until_finished()  # never leave an async save half-written
-        manager.close()
-        writer.flush()
-        pipeline.close()
+        checkpoints.close_manager(manager)  # never leave an async save half-written
+        if writer is not None:
+            writer.flush()
+        if pipeline is not None:
+            pipeline.close()
 
 
 RUN_CONFIG_FILE = "config.json"
 
 
+def _write_atomically(path: str, text: str) -> None:
+    """Replaces `path` by `text` so that a reader (or a kill) never sees half of it."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def save_run_config(workdir: str, config) -> None:
-    with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
+    _write_atomically(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json_best_effort(indent=1))
+
+
+def trim_metrics(workdir: str, step: int) -> None:
+    """On resume from `step`: drops the metrics.jsonl lines of later steps (they are redone) and
+    any line cut short by a kill, so the file reads as if the run had never stopped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    _write_atomically(path, "".join(kept))
 
 
 def load_ema_from_workdir(workdir: str, step: Optional[int] = None):
-    """(model, EMA params, step, dataset metadata) of a run's latest (or given) checkpoint."""
-    import orbax.checkpoint as ocp
+    """(model, EMA params, step, dataset metadata) of a run's latest (or given) checkpoint,
+    verified against its fingerprint (the latest falls back to the previous good one)."""
     path = os.path.join(workdir, RUN_CONFIG_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{workdir} is not a training workdir (no {RUN_CONFIG_FILE}).")
@@ -417,13 +456,20 @@ def load_ema_from_workdir(workdir: str, step: Optional[int] = None):
         config = ml_collections.ConfigDict(json.load(f))
     meta = latents_lib.read_metadata(resolve_data_dir(config))
     model = model_from_config(config, meta)
-    manager = checkpoints.train_checkpoint_manager(os.path.join(workdir, "checkpoints"), config)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"{workdir} has no checkpoint yet.")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    manager.close()
-    return model, jax.device_get(restored["state"]["ema_params"]), step, meta
+    manager = checkpoints.train_checkpoint_manager(os.path.join(workdir, "checkpoints"), read_only=True)
+    try:
+        if step is None:  # the newest checkpoint that restores and verifies
+            restored = checkpoints.restore_train_state(manager)
+            if restored is None:
+                raise ValueError(f"{workdir} has no checkpoint yet.")
+            state, _, step = restored
+        else:
+            if step not in manager.all_steps():
+                raise ValueError(f"{workdir} has no checkpoint at step {step} (it has {list(manager.all_steps())}).")
+            state, _ = checkpoints.restore_checkpoint(manager, step)
+    finally:
+        checkpoints.close_manager(manager)
+    return model, jax.device_get(state["ema_params"]), step, meta
 
 
 def log_metrics(workdir: str, step: int, scalars: dict, total_steps: int) -> None:

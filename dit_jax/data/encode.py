@@ -56,6 +56,8 @@ def ensure_embedded_dataset(data_dir: str, image_size: int = EMBEDDED_SPEC["imag
 def main(argv):
     if not _OUTPUT.value:
         raise ValueError("--output is required.")
+    if _BATCH.value <= 0:
+        raise ValueError(f"--batch_size must be positive, got {_BATCH.value}.")
     import jax
     process_index = jax.process_index() if _PROCESS_INDEX.value is None else _PROCESS_INDEX.value
     process_count = jax.process_count() if _PROCESS_COUNT.value is None else _PROCESS_COUNT.value

@@ -230,14 +230,25 @@ def finalize_dataset(out_dir: str, *, name: str, split: str, n_units: int, featu
             old = json.load(f)
     splits = {**old.get("splits", {}), split: {"num_examples": sum(lengths), "num_skipped": len(skipped)}}
     summary = {**meta, "splits": splits}
-    with open(meta_path, "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out_dir, SKIPPED_FILE), "a" if old else "w") as f:
-        for i, reason in skipped:
-            f.write(f"{split}\t{i}\t{reason}\n")
+    # The skipped list first (this split's lines replaced, so a re-run adds none twice), the
+    # metadata last: it marks the dataset complete, so it is written whole or not at all.
+    skipped_path = os.path.join(out_dir, SKIPPED_FILE)
+    lines = []
+    if os.path.isfile(skipped_path):
+        with open(skipped_path) as f:
+            lines = [l for l in f if l.strip() and not l.startswith(f"{split}\t")]
+    lines += [f"{split}\t{i}\t{reason}\n" for i, reason in skipped]
+    _write_atomically(skipped_path, "".join(lines))
+    _write_atomically(meta_path, json.dumps(summary, indent=1))
     log(f"{out_dir}: {split} has {sum(lengths)} examples in {n_units} shards; {len(skipped)} images skipped"
         + (f" (listed in {SKIPPED_FILE})" if skipped else ""))
     return summary
+
+
+def _write_atomically(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _existing_splits(out_dir: str, exclude: str) -> list:
