@@ -294,6 +294,24 @@ def test_training_resumes_past_a_corrupt_checkpoint_and_refuses_when_all_are_bad
     assert files_of(bad) == before  # not a fresh start over them
 
 
+def test_readers_leave_a_running_training_alone(tmp_path, reference):
+    """Sampling/evaluation read a workdir read-only: an in-flight save of a training run beside
+    them is not cleaned away, nothing is written, and they get the newest verified EMA."""
+    workdir = tmp_path / "w"
+    shutil.copytree(reference, workdir)
+    in_flight = workdir / "checkpoints" / f"{STEPS + 2}.{TMP_MARK}-1700000000"
+    (in_flight / "state").mkdir(parents=True)
+    (in_flight / "state" / "partial").write_bytes(b"being written")
+    before = files_of(workdir)
+    _, ema, step, _ = train.load_ema_from_workdir(str(workdir))
+    assert step == STEPS and files_of(workdir) == before
+    want = read_checkpoint(reference / "checkpoints")[0]
+    got = {f"['ema_params']{jax.tree_util.keystr(p)}": np.asarray(v)
+           for p, v in jax.tree_util.tree_flatten_with_path(ema)[0]}
+    assert got.keys() == {k for k in want if k.startswith("['ema_params']")}
+    assert all(np.array_equal(got[k], want[k]) for k in got)
+
+
 # ----------------------------------------------------------------------------------------
 # 4. The encoder killed mid-way
 # ----------------------------------------------------------------------------------------
