@@ -172,7 +172,11 @@ def define_flags():
 def main(argv):
     if not _WORKDIR.value:
         raise ValueError("--workdir is required.")
-    results = evaluate_workdir(_WORKDIR.value, [float(s) for s in _SCALES.value], _PER_CLASS.value,
+    try:
+        scales = [float(s) for s in _SCALES.value]
+    except ValueError:
+        raise ValueError(f"--cfg_scales must be numbers, got {','.join(_SCALES.value)}.") from None
+    results = evaluate_workdir(_WORKDIR.value, scales, _PER_CLASS.value,
                                sampler=_SAMPLER.value, steps=_STEPS.value)
     print(f"step {results['step']}; classifier held-out accuracy on real digits: "
           f"{results['classifier_held_out_accuracy']:.1%}")
