@@ -24,10 +24,12 @@ from dit_jax import sample as sample_lib
 
 
 def invert_latents(model: models.DiT, params, latents: jax.Array, labels: jax.Array, *, steps: int = 50,
-                   cfg_scale: float = 1.0, guidance_channels: Optional[int] = 3, clip_denoised: bool = False):
+                   cfg_scale: float = 1.0, guidance_channels: Optional[int] = 3, clip_denoised: bool = False,
+                   noise_schedule: str = "linear", diffusion_steps: int = 1000):
     """(x_T, x_0 reconstructed): DDIM inversion of scaled latents [N, h, w, c] to noise, then DDIM
-    sampling back. Both loops are one compiled program each."""
-    process = diffusion.create_diffusion(f"ddim{steps}", learn_sigma=model.learn_sigma)
+    sampling back, on the model's training schedule. One compiled program."""
+    process = diffusion.create_diffusion(f"ddim{steps}", learn_sigma=model.learn_sigma,
+                                         noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
     return _invert(model, process, float(cfg_scale), guidance_channels, bool(clip_denoised), params, latents, labels)
 
 
@@ -118,7 +120,7 @@ def main(argv):
     noise, recon = invert_latents(s.model, s.params, jnp.asarray(latents), jnp.asarray(labels, jnp.int32),
                                   steps=f.steps, cfg_scale=f.cfg_scale,
                                   guidance_channels=sample_lib.guidance_channels(f.guidance),
-                                  clip_denoised=s.pixel_space)
+                                  clip_denoised=s.pixel_space, **s.schedule)
     decoded = sample_lib.images_to_uint8(s.decoder()(np.asarray(recon)))
     pairs = np.stack([images, decoded], axis=1).reshape(-1, *images.shape[1:])
     sample_lib.save_png(sample_lib.make_grid(pairs, ncol=2), f.output)

@@ -46,14 +46,17 @@ def guidance_channels(guidance: str) -> Optional[int]:
 def sample_latents(model: models.DiT, params, labels: jax.Array, key: jax.Array, *,
                    sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 4.0,
                    guidance_channels: Optional[int] = 3, eta: float = 0.0, clip_denoised: bool = False,
-                   noise: Optional[jax.Array] = None) -> jax.Array:
+                   noise: Optional[jax.Array] = None, noise_schedule: str = "linear",
+                   diffusion_steps: int = 1000) -> jax.Array:
     """Samples one latent per label: [N, H, W, C]. cfg_scale <= 1 disables guidance.
     clip_denoised clips each x0 prediction to [-1, 1]: right for pixel space, not for VAE latents.
     `noise` ([N, H, W, C]) is the starting x_T (default: drawn from `key`). The batch follows the
-    sharding of `labels`/`noise`: pass them split over devices to sample data-parallel."""
+    sharding of `labels`/`noise`: pass them split over devices to sample data-parallel.
+    noise_schedule/diffusion_steps must be those the model was trained with."""
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"Unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'.")
-    process = diffusion.create_diffusion(str(steps), learn_sigma=model.learn_sigma)
+    process = diffusion.create_diffusion(str(steps), learn_sigma=model.learn_sigma, noise_schedule=noise_schedule,
+                                         diffusion_steps=diffusion_steps)
     noise_key, loop_key = jax.random.split(key)
     if noise is None:
         shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
@@ -114,6 +117,12 @@ class Sampler:
     scaling_factor: float     # latents are divided by it before decoding
     image_size: int
     source: str               # for messages and manifests
+    noise_schedule: str = "linear"   # the training diffusion's
+    diffusion_steps: int = 1000
+
+    @property
+    def schedule(self) -> dict:
+        return dict(noise_schedule=self.noise_schedule, diffusion_steps=self.diffusion_steps)
 
     @property
     def pixel_space(self) -> bool:
@@ -134,8 +143,9 @@ def sampler_from_workdir(workdir: str, step: Optional[int] = None) -> Sampler:
     """The EMA weights of a training run's latest (or given) checkpoint, with its autoencoder."""
     from dit_jax import train
     model, ema, step, meta = train.load_ema_from_workdir(workdir, step)
+    diffusion_config = train.load_run_config(workdir).diffusion
     return Sampler(model, ema, meta["autoencoder"], float(meta["scaling_factor"]), int(meta["image_size"]),
-                   f"{workdir} step {step}")
+                   f"{workdir} step {step}", diffusion_config.noise_schedule, int(diffusion_config.steps))
 
 
 def sampler_from_checkpoint(checkpoint: Optional[str], *, model_name: str, image_size: int, num_classes: int,
@@ -194,7 +204,7 @@ def sample_eval_set(s: Sampler, output: str, num_samples: int, *, per_device_bat
     chunk_size = per_device_batch * len(local)
     n_chunks = -(-num_samples // chunk_size)
     parts = output + ".parts"
-    settings = dict(source=s.source, num_samples=num_samples, chunk_size=chunk_size, sampler=sampler, steps=steps,
+    settings = dict(source=s.source, **s.schedule, num_samples=num_samples, chunk_size=chunk_size, sampler=sampler, steps=steps,
                     cfg_scale=cfg_scale, guidance=guidance, eta=eta, seed=seed,
                     processes=jax.process_count())
     os.makedirs(parts, exist_ok=True)
@@ -231,7 +241,7 @@ def sample_eval_set(s: Sampler, output: str, num_samples: int, *, per_device_bat
         latents = sample_latents(s.model, params, jax.device_put(labels, batch_sharding), loop_key,
                                  sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_channels=guidance,
                                  eta=eta, clip_denoised=s.pixel_space,
-                                 noise=jax.device_put(noise, batch_sharding))
+                                 noise=jax.device_put(noise, batch_sharding), **s.schedule)
         images = images_to_uint8(decode(latents))
         buf = _npz_bytes(images=np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images, labels=labels)
         _write_atomic(_chunk_path(parts, c), buf)
@@ -362,7 +372,7 @@ def main(argv: Sequence[str]):
     start = time.perf_counter()
     latents = sample_latents(s.model, s.params, jnp.asarray(labels), jax.random.key(f.seed), sampler=f.sampler,
                              steps=f.steps, cfg_scale=cfg, eta=f.eta, guidance_channels=guidance,
-                             clip_denoised=s.pixel_space)
+                             clip_denoised=s.pixel_space, **s.schedule)
     latents = np.asarray(latents)
     took = time.perf_counter() - start
     if f.output.endswith(".npz"):

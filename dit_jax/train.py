@@ -234,7 +234,8 @@ def write_sample_grid(model, ema_params, config, step: int, workdir: str, writer
     latents = sample_lib.sample_latents(
         model, jax.device_get(ema_params), jnp.asarray(labels), jax.random.PRNGKey(config.seed + 1),
         sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
-        guidance_channels=sample_lib.guidance_channels(s.guidance), clip_denoised=s.clip_denoised)
+        guidance_channels=sample_lib.guidance_channels(s.guidance), clip_denoised=s.clip_denoised,
+        noise_schedule=config.diffusion.noise_schedule, diffusion_steps=config.diffusion.steps)
     images = autoencoder.decode(np.asarray(latents) / scaling_factor)
     grid = sample_lib.make_grid(images, ncol=s.num_per_class if s.num_per_class > 1 else len(labels))
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
@@ -446,14 +447,19 @@ def trim_metrics(workdir: str, step: int) -> None:
     _write_atomically(path, "".join(kept))
 
 
-def load_ema_from_workdir(workdir: str, step: Optional[int] = None):
-    """(model, EMA params, step, dataset metadata) of a run's latest (or given) checkpoint,
-    verified against its fingerprint (the latest falls back to the previous good one)."""
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run was started with (workdir/config.json)."""
     path = os.path.join(workdir, RUN_CONFIG_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{workdir} is not a training workdir (no {RUN_CONFIG_FILE}).")
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_ema_from_workdir(workdir: str, step: Optional[int] = None):
+    """(model, EMA params, step, dataset metadata) of a run's latest (or given) checkpoint,
+    verified against its fingerprint (the latest falls back to the previous good one)."""
+    config = load_run_config(workdir)
     meta = latents_lib.read_metadata(resolve_data_dir(config))
     model = model_from_config(config, meta)
     manager = checkpoints.train_checkpoint_manager(os.path.join(workdir, "checkpoints"), read_only=True)

@@ -148,3 +148,25 @@ def test_invert_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dit_jax.invert", f"--checkpoint={ckpt}", "--vae=identity:8",
                           f"--images={paths[0]}", "--labels=7"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "--labels must be in [0, 4]" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_samplers_use_the_training_noise_schedule(tmp_path, monkeypatch):
+    """A run trained on the cosine schedule is sampled on the cosine schedule."""
+    from dit_jax import diffusion, train
+    from test_train import tiny_config
+    monkeypatch.setenv("DIT_JAX_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(**{"num_train_steps": 1, "diffusion.noise_schedule": "cosine", "mesh.num_devices": 1})
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+    s = sample.sampler_from_workdir(str(tmp_path / "w"))
+    assert s.schedule == {"noise_schedule": "cosine", "diffusion_steps": 1000}
+    s.params = _perturbed_params(s.model)
+    labels = jnp.arange(4) % s.model.num_classes
+    shape = (4, s.model.input_size, s.model.input_size, s.model.in_channels)
+    noise = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    got = sample.sample_latents(s.model, s.params, labels, jax.random.key(0), sampler="ddim", steps=5, cfg_scale=1.0,
+                                noise=noise, clip_denoised=True, **s.schedule)
+    fn = lambda x, t: s.model.apply({"params": s.params}, x, t, labels)
+    for schedule, same in (("cosine", True), ("linear", False)):
+        process = diffusion.create_diffusion("5", noise_schedule=schedule)
+        want = jax.jit(lambda z: process.ddim_sample_loop(fn, z, clip_denoised=True))(noise)
+        assert np.allclose(np.asarray(got), np.asarray(want), atol=1e-5) == same

@@ -144,6 +144,7 @@ def evaluate_workdir(workdir: str, cfg_scales: Sequence[float], per_class: int, 
     from dit_jax import sample as sample_lib
     from dit_jax import train
     model, ema_params, step, meta = train.load_ema_from_workdir(workdir)
+    schedule = train.load_run_config(workdir).diffusion
     size = meta["image_size"]
     classifier, held_out = cached_classifier(size, log=log)
     ae = autoencoder_lib.load_autoencoder(meta["autoencoder"])
@@ -152,7 +153,8 @@ def evaluate_workdir(workdir: str, cfg_scales: Sequence[float], per_class: int, 
     for scale in cfg_scales:
         latents = sample_lib.sample_latents(model, ema_params, jnp.asarray(labels), jax.random.PRNGKey(seed),
                                             sampler=sampler, steps=steps, cfg_scale=scale, guidance_channels=None,
-                                            clip_denoised=meta["autoencoder"].startswith("identity"))
+                                            clip_denoised=meta["autoencoder"].startswith("identity"),
+                                            noise_schedule=schedule.noise_schedule, diffusion_steps=schedule.steps)
         images = ae.decode(np.asarray(latents) / meta["scaling_factor"])
         results["scales"][float(scale)] = score_samples(classifier, images, labels, size)
     return results

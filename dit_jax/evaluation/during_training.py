@@ -140,7 +140,8 @@ class FidDuringTraining:
                 self.model, params, jax.device_put(labels, split), jax.random.fold_in(jax.random.key(seed), c),
                 sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale,
                 guidance_channels=sample_lib.guidance_channels(e.guidance),
-                clip_denoised=self.meta["autoencoder"].startswith("identity"))
+                clip_denoised=self.meta["autoencoder"].startswith("identity"),
+                noise_schedule=self.config.diffusion.noise_schedule, diffusion_steps=self.config.diffusion.steps)
             out.append(self._decode(np.asarray(latents) / self.meta["scaling_factor"]))
         return np.concatenate(out)[:num]
 
