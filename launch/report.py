@@ -127,7 +127,7 @@ def model_stats(config_dict: dict) -> dict:
         meta = _guess_meta(config)
     model = train.model_from_config(config, meta)
     return {"params": models.count_params(models.abstract_params(model)), "gflops": flops.forward_flops(model) / 1e9,
-            "tokens": model.num_patches}
+            "tokens": model.num_patches, "patch_size": model.patch_size}
 
 
 def model_label(config: dict) -> str:
@@ -151,6 +151,20 @@ def series(records: list[dict], key: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
+def train_minutes(records: list[dict]) -> Optional[float]:
+    """Time spent in train steps (from each logged window's steps/s; compile, start-up, sampling
+    and evaluation excluded), in minutes."""
+    logged = sorted({int(r["step"]): float(r["steps_per_sec"]) for r in records
+                     if isinstance(r.get("steps_per_sec"), (int, float)) and r["steps_per_sec"] > 0}.items())
+    if not logged:
+        return None
+    total, prev = 0.0, 0
+    for step, rate in logged:
+        total += max(step - prev, 0) / rate
+        prev = step
+    return total / 60
+
+
 def pick_metric(runs: list[RunData], metric: str) -> Optional[str]:
     if metric != "auto":
         return metric
@@ -167,9 +181,11 @@ def summarize(run: RunData, metric: Optional[str]) -> dict:
     g = run.stats.get("gflops")
     row = {"run": run.name, "model": model_label(run.config) if run.config else "",
            "params_M": run.stats["params"] / 1e6 if "params" in run.stats else None,
-           "gflops": g, "tokens": run.stats.get("tokens"), "batch_size": batch, "steps": steps,
+           "gflops": g, "tokens": run.stats.get("tokens"), "patch": run.stats.get("patch_size"),
+           "batch_size": batch, "steps": steps,
            "train_compute_gflop": g * batch * steps * 3 if None not in (g, batch, steps) else None,
-           "final_loss": loss[-1][1] if loss else None, "min_loss": min(v for _, v in loss) if loss else None}
+           "final_loss": loss[-1][1] if loss else None, "min_loss": min(v for _, v in loss) if loss else None,
+           "train_minutes": train_minutes(run.records)}
     if metric:
         m = series(run.records, metric)
         best = min(m, key=lambda sv: sv[1]) if m else None
@@ -221,8 +237,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
 
 def markdown(rows: list[dict], metric: Optional[str], title: str) -> str:
     cols = [("run", "run"), ("model", "model"), ("params_M", "params (M)"), ("gflops", "Gflops"),
-            ("tokens", "tokens"), ("batch_size", "batch"), ("steps", "steps"),
-            ("train_compute_gflop", "train compute (Gflop)"), ("final_loss", "final loss"), ("min_loss", "min loss")]
+            ("tokens", "tokens"), ("patch", "patch"), ("batch_size", "batch"), ("steps", "steps"),
+            ("train_compute_gflop", "train compute (Gflop)"), ("train_minutes", "train min"),
+            ("final_loss", "final loss"), ("min_loss", "min loss")]
     if metric:
         cols += [(f"{metric}_final", f"{metric} (final)"), (f"{metric}_best", f"{metric} (best)"),
                  (f"{metric}_best_step", "best at step")]
@@ -233,7 +250,8 @@ def markdown(rows: list[dict], metric: Optional[str], title: str) -> str:
         lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
     lines.append("")
     lines.append("Gflops: forward pass of one image, multiply-adds (the paper's convention); "
-                 "train compute = Gflops x batch x steps x 3.")
+                 "train compute = Gflops x batch x steps x 3; train min: time in train steps (from the logged "
+                 "steps/s; start-up, compilation, sampling and evaluation not included).")
     if metric:
         rho = spearman([r["gflops"] for r in rows], [r.get(f"{metric}_final") for r in rows])
         if rho is not None:
@@ -292,15 +310,19 @@ def plot_series(runs: list[RunData], key: str, path: str, *, x: str = "steps", y
 
 
 def plot_vs_gflops(rows: list[dict], metric: str, path: str) -> Optional[str]:
-    pts = [(r["gflops"], r[f"{metric}_final"], r["run"]) for r in rows
+    pts = [(r["gflops"], r[f"{metric}_final"], r["run"], r.get("patch")) for r in rows
            if r.get("gflops") is not None and r.get(f"{metric}_final") is not None]
     if not pts:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=30)
-    for g, v, name in pts:
+    for patch in sorted({p[3] for p in pts}, key=lambda x: (x is None, x)):  # one line per patch size
+        group = sorted(p for p in pts if p[3] == patch)
+        ax.plot([p[0] for p in group], [p[1] for p in group], marker="o", ms=5,
+                label=f"patch {patch}" if patch is not None else "runs")
+    for g, v, name, _ in pts:
         ax.annotate(name, (g, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("Gflops (forward, one image)")
     steps = sorted({r.get(f"{metric}_final_step") for r in rows if r.get(f"{metric}_final_step") is not None})

@@ -158,7 +158,7 @@ def fake_run(root, name, width, patch, fd, extra_metric_file=True):
     (d / "config.json").write_text(json.dumps(demo_config(width, patch)))
     with open(d / "metrics.jsonl", "w") as f:
         for step in (100, 200, 300):
-            f.write(json.dumps({"step": step, "loss": 1.0 / step * width, "mse": 0.1}) + "\n")
+            f.write(json.dumps({"step": step, "loss": 1.0 / step * width, "mse": 0.1, "steps_per_sec": 10.0}) + "\n")
         f.write('{"step": 400, "lo')  # a run still writing
     evals = [{"step": s, "fd_digits": v} for s, v in zip((100, 300), fd)]
     target = d / ("eval.jsonl" if extra_metric_file else "metrics.jsonl")
@@ -184,12 +184,14 @@ def test_report_table_and_plots(tmp_path, capsys):
     assert g[0] < g[1] < g[2]
     w32p2 = rows[2]
     assert w32p2["model"] == "d2-w32-h2-p2" and int(w32p2["tokens"]) == 64 and int(w32p2["batch_size"]) == 64
+    assert int(w32p2["patch"]) == 2
     assert int(w32p2["steps"]) == 300 and float(w32p2["final_loss"]) == pytest.approx(32 / 300)
     assert float(w32p2["train_compute_gflop"]) == pytest.approx(g[2] * 64 * 300 * 3)
     assert float(w32p2["fd_digits_final"]) == 10.0 and int(w32p2["fd_digits_best_step"]) == 300
+    assert float(w32p2["train_minutes"]) == pytest.approx(300 / 10 / 60)
     assert float(rows[0]["fd_digits_final"]) == 30.0
     md = (out / "scaling.md").read_text()
-    assert "| w32-p2 | d2-w32-h2-p2 |" in md and "Spearman rank correlation of Gflops and final fd_digits: -1.00 (-1: fd_digits falls" in md
+    assert "| w32-p2 | d2-w32-h2-p2 | 0.0845 | 0.002205 | 64 | 2 | 64 | 300 |" in md and "Spearman rank correlation of Gflops and final fd_digits: -1.00 (-1: fd_digits falls" in md
     for name in ("loss_vs_steps", "fd_digits_vs_steps", "fd_digits_vs_gflops", "fd_digits_vs_compute", "samples"):
         path = out / f"{name}.png"
         assert path.is_file() and Image.open(path).size[0] > 100, name
