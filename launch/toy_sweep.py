@@ -70,10 +70,12 @@ def sample_checkpoint(workdir: str, step: int, per_class: int, *, sampler: str =
     from dit_jax import sample as sample_lib
     from dit_jax import train
     model, ema, got, meta = train.load_ema_from_workdir(workdir, step)
+    schedule = train.load_run_config(workdir).diffusion
     labels = np.repeat(np.arange(model.num_classes, dtype=np.int32), per_class)
     latents = sample_lib.sample_latents(model, ema, jnp.asarray(labels), jax.random.PRNGKey(seed), sampler=sampler,
                                         steps=steps, cfg_scale=1.0, guidance_channels=None,
-                                        clip_denoised=meta["autoencoder"].startswith("identity"))
+                                        clip_denoised=meta["autoencoder"].startswith("identity"),
+                                        noise_schedule=schedule.noise_schedule, diffusion_steps=schedule.steps)
     ae = autoencoder_lib.load_autoencoder(meta["autoencoder"])
     return np.asarray(ae.decode(np.asarray(latents) / meta["scaling_factor"])), labels
 
