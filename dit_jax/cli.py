@@ -4,6 +4,7 @@ status 1, never a traceback."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -31,8 +32,13 @@ def run(main: Callable, errors: tuple = (ValueError, OSError), positional: bool 
 
 
 def _fail(message) -> None:
+    """One line on stderr and exit 1 at once: the interpreter's shutdown is skipped, so library
+    threads (checkpoint I/O event loops) cannot add tracebacks after the message. Work that must
+    finish (checkpoint saves) is awaited before an error reaches here."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _parse_flags(argv):
