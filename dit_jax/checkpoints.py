@@ -638,12 +638,43 @@ def state_fingerprint(state, data_state: Optional[dict] = None) -> dict:
 
 
 def _digest_leaves(leaves):
-    """One small compiled program per leaf shape (the params, EMA and Adam moments share them)."""
+    """Leaves this process holds whole are digested on the host (no device programs run beside
+    the training step's); others (multi-host sharded) by one small compiled program per shape."""
     import jax
     global _DIGEST_FN
-    if _DIGEST_FN is None:
-        _DIGEST_FN = jax.jit(_leaf_digest)
-    return [_DIGEST_FN(leaf) for leaf in leaves]
+    out = []
+    for leaf in leaves:
+        if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+            out.append(_leaf_digest_host(np.asarray(jax.device_get(leaf))))
+            continue
+        if _DIGEST_FN is None:
+            _DIGEST_FN = jax.jit(_leaf_digest)
+        out.append(_DIGEST_FN(leaf))
+    return out
+
+
+def _leaf_digest_host(x: np.ndarray) -> np.ndarray:
+    """`_leaf_digest` in numpy: the same two wrapping uint32 sums."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_:
+        x = x.astype(np.uint8)
+    if x.dtype.itemsize == 8:
+        u = x.view(np.uint32).reshape(*x.shape, 2)
+    else:
+        u = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+    u = u.astype(np.uint32)
+    index = np.arange(u.size, dtype=np.uint64).astype(np.uint32).reshape(u.shape)
+
+    def weight(h):
+        with np.errstate(over="ignore"):
+            h = h * np.uint32(0x9E3779B1)
+            h = h ^ (h >> np.uint32(16))
+            h = h * np.uint32(0x85EBCA6B)
+            return (h ^ (h >> np.uint32(13))) | np.uint32(1)
+
+    with np.errstate(over="ignore"):
+        return np.stack([np.sum(u * weight(index), dtype=np.uint32),
+                         np.sum(u * weight(index ^ np.uint32(0x5BD1E995)), dtype=np.uint32)])
 
 
 _DIGEST_FN = None
