@@ -43,6 +43,9 @@ def main_guard(main: Callable[[Optional[Sequence[str]]], int]) -> Callable[[Opti
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except BrokenPipeError:  # output piped into `head` and the like
+            sys.stderr.close()
+            sys.exit(0)
         sys.exit(rc or 0)
 
     return wrapped

@@ -4,6 +4,7 @@ training compute, plus the runs' latest sample grids side by side.
 
   python -m launch.report --root=workdir/sweep                 # metric: fid, else fd_digits
   python -m launch.report --root=workdir/toy_sweep --metric=fd_digits --out=docs/scaling
+  python -m launch.report --root=gs://my-bucket/sweep --metric=fid --out=report   # reads the bucket
 
 Runs are the directories under --root with a metrics.jsonl (written by training) or an
 eval.jsonl (evaluations added afterwards, e.g. by launch.toy_sweep); both are read, and a metric
@@ -15,7 +16,6 @@ paper: Gflops x batch size x steps x 3 (forward + backward).
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
@@ -41,59 +41,73 @@ class RunData:
     stats: dict = field(default_factory=dict)
 
 
+def _path(p: str):
+    """A local or gs:// path (etils.epath: the same calls for both)."""
+    from etils import epath
+    return epath.Path(p)
+
+
 def read_jsonl(path: str) -> list[dict]:
     """The JSON objects of a .jsonl file; a torn last line (a run still writing) is skipped."""
     out = []
-    if not os.path.isfile(path):
+    p = _path(path)
+    if not p.is_file():
         return out
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict) and "step" in obj:
-                out.append(obj)
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and "step" in obj:
+            out.append(obj)
     return out
 
 
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts]) if common.is_gcs(root) else os.path.join(root, *parts)
+
+
 def latest_samples(workdir: str) -> Optional[str]:
-    def step_of(p):
-        m = re.search(r"(\d+)", os.path.basename(p))
+    def step_of(name):
+        m = re.search(r"(\d+)", name)
         return int(m.group(1)) if m else -1
-    pngs = glob.glob(os.path.join(workdir, "samples", "*.png"))
-    return max(pngs, key=step_of) if pngs else None
+    d = _path(_join(workdir, "samples"))
+    if not d.is_dir():
+        return None
+    pngs = [p.name for p in d.iterdir() if p.name.endswith(".png")]
+    return _join(workdir, "samples", max(pngs, key=step_of)) if pngs else None
 
 
 def discover(root: str, names: Optional[Sequence[str]] = None) -> list[str]:
-    if common.is_gcs(root):
-        raise LaunchError(f"--root {root}: copy the runs here first (gcloud storage cp -r {root} .); the report reads "
-                          f"local files.")
-    if not os.path.isdir(root):
+    r = _path(root)
+    try:
+        is_dir = r.is_dir()
+    except Exception as e:  # e.g. no access to the bucket
+        raise LaunchError(f"cannot read --root {root}: {type(e).__name__}: {e}") from None
+    if not is_dir:
         raise LaunchError(f"--root {root} is not a directory.")
-    found = sorted(d for d in os.listdir(root)
-                   if any(os.path.isfile(os.path.join(root, d, f)) for f in (*METRIC_FILES, "config.json")))
+    found = sorted(d.name for d in r.iterdir()
+                   if d.is_dir() and any((d / f).is_file() for f in (*METRIC_FILES, "config.json")))
     if names:
         missing = sorted(set(names) - set(found))
         if missing:
             raise LaunchError(f"--runs: no run {', '.join(missing)} under {root} (found: {', '.join(found) or 'none'}).")
-        found = [n for n in names]
+        found = list(names)
     if not found:
         raise LaunchError(f"no runs under {root} (directories with metrics.jsonl or config.json).")
     return found
 
 
 def load_run(root: str, name: str) -> RunData:
-    workdir = os.path.join(root, name)
+    workdir = _join(root, name)
     config = {}
-    path = os.path.join(workdir, "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            config = json.load(f)
-    records = [r for f in METRIC_FILES for r in read_jsonl(os.path.join(workdir, f))]
+    path = _path(_join(workdir, "config.json"))
+    if path.is_file():
+        config = json.loads(path.read_text())
+    records = [r for f in METRIC_FILES for r in read_jsonl(_join(workdir, f))]
     return RunData(name, workdir, config, records, latest_samples(workdir))
 
 
@@ -347,12 +361,14 @@ def plot_samples(runs: list[RunData], path: str) -> Optional[str]:
     for ax in axes.flat:
         ax.axis("off")
     for ax, r in zip(axes.flat, with_samples):
-        image = Image.open(r.samples)
+        with _path(r.samples).open("rb") as f:
+            image = Image.open(f)
+            image.load()
         if image.mode in ("L", "I", "I;16", "F"):
             ax.imshow(image.convert("L"), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         else:
             ax.imshow(image.convert("RGB"), interpolation="nearest")
-        m = re.search(r"(\d+)", os.path.basename(r.samples))
+        m = re.search(r"(\d+)", r.samples.rsplit("/", 1)[-1])
         ax.set_title(f"{r.name}" + (f" @ {int(m.group(1))}" if m else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -394,11 +410,11 @@ def build_report(root: str, out: str, *, metric: str = "auto", names: Optional[S
 
 def build_parser() -> common.Parser:
     p = common.Parser(prog="python -m launch.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", help="the sweep directory (required)")
+    p.add_argument("--root", help="the sweep directory, local or gs:// (required)")
     p.add_argument("--runs", help="comma-separated run names (default: every run under --root)")
     p.add_argument("--metric", default="auto", help="metric key in the runs' jsonl files, e.g. fid or fd_digits "
                                                     "(default auto: fid, else fd_digits, else none)")
-    p.add_argument("--out", help="output directory (default ROOT/report)")
+    p.add_argument("--out", help="local output directory (default ROOT/report; report/<name> for a gs:// root)")
     p.add_argument("--title", help="title of the Markdown table")
     p.add_argument("--no_flops", action="store_true", help="skip Gflops and parameter counts (no JAX)")
     return p
@@ -409,7 +425,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.root:
         raise LaunchError("--root is required (the sweep directory).")
     names = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else None
-    result = build_report(args.root, args.out or os.path.join(args.root, "report"), metric=args.metric, names=names,
+    if args.out and common.is_gcs(args.out):
+        raise LaunchError("--out must be a local directory (copy it to a bucket afterwards if needed).")
+    out = args.out or (os.path.join("report", args.root.rstrip("/").rsplit("/", 1)[-1]) if common.is_gcs(args.root)
+                       else os.path.join(args.root, "report"))
+    result = build_report(args.root, out, metric=args.metric, names=names,
                           title=args.title, flops=not args.no_flops)
     if result["metric"] is None:
         print("no metric found (looked for " + ", ".join(AUTO_METRICS) + "); the table has losses only")

@@ -214,7 +214,7 @@ def test_report_user_errors(tmp_path, capsys):
     for args, message in ((["--out=x"], "--root is required"),
                           ([f"--root={tmp_path / 'nope'}"], "not a directory"),
                           ([f"--root={tmp_path}"], "no runs under"),
-                          (["--root=gs://bkt/sweep"], "copy the runs here")):
+                          ([f"--root={tmp_path}", "--out=gs://bkt/report"], "must be a local directory")):
         code, _, err = run_cli(report, capsys, *args)
         assert code == 1 and len(err.strip().splitlines()) == 1 and message in err, (args, err)
 
