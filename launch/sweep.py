@@ -242,13 +242,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     root = common.validate_workdir(args.root, multi_host=multi_host, absolute=args.launcher != "tpu", what="root")
     config = common.check_config_file(args.config, relative_to_repo=args.launcher == "tpu")
     overrides = common.config_overrides(args.set)
+    name = tpu.check_name(args.name) if args.launcher == "tpu" else None
     runs = plan(root, selected_runs(args), [*overrides, *extra], check_gcs=args.check_gcs)
     todo = [r for r in runs if r.status != "done"]
     print(f"sweep {root}: {len(runs)} run(s), {len(runs) - len(todo)} done, {len(todo)} to run")
     for r in runs:
         print(f"  {r.name:<12} {describe(r)}")
     if args.launcher == "tpu":
-        name = tpu.check_name(args.name)
         if not common.is_gcs(root) and not args.accelerator:
             common.warn(f"--root {root!r} is local to the TPU VM; on a multi-host slice use gs:// (pass "
                         f"--accelerator to have this checked).")
