@@ -186,6 +186,24 @@ def chunk_labels(seed: int, chunk: int, size: int, num_classes: int) -> np.ndarr
     return np.random.default_rng([seed, chunk]).integers(0, num_classes, size).astype(np.int32)
 
 
+def local_data_parallel(params):
+    """(params replicated over this process's devices, a sharding that splits a batch over them)."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
+    return jax.device_put(params, NamedSharding(mesh, P())), NamedSharding(mesh, P("data"))
+
+
+def sample_chunk(model: models.DiT, params, chunk: int, seed: int, size: int, batch_sharding, **kwargs):
+    """(latents [size, h, w, c], labels [size]) of chunk `chunk`: uniform labels and starting
+    noise that are pure functions of (seed, chunk), the batch split by `batch_sharding`.
+    kwargs go to `sample_latents`."""
+    noise_key, loop_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), chunk))
+    labels = chunk_labels(seed, chunk, size, model.num_classes)
+    noise = jax.random.normal(noise_key, (size, model.input_size, model.input_size, model.in_channels), jnp.float32)
+    latents = sample_latents(model, params, jax.device_put(labels, batch_sharding), loop_key,
+                             noise=jax.device_put(noise, batch_sharding), **kwargs)
+    return latents, labels
+
+
 def sample_eval_set(s: Sampler, output: str, num_samples: int, *, per_device_batch: int = 32,
                     sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 1.5, guidance: Optional[int] = 3,
                     eta: float = 0.0, seed: int = 0, png_dir: Optional[str] = None, keep_parts: bool = False,
@@ -220,28 +238,20 @@ def sample_eval_set(s: Sampler, output: str, num_samples: int, *, per_device_bat
         else:
             _write_atomic(manifest, json.dumps(settings, indent=1).encode())
     decode = s.decoder()
-    mesh = jax.sharding.Mesh(np.asarray(local), ("data",))
-    batch_sharding = NamedSharding(mesh, P("data"))
-    params = jax.device_put(s.params, NamedSharding(mesh, P()))
+    params, batch_sharding = local_data_parallel(s.params)
     mine = [c for c in range(n_chunks) if c % jax.process_count() == jax.process_index()]
     todo = [c for c in mine if not os.path.exists(_chunk_path(parts, c))]
     done = (len(mine) - len(todo)) * chunk_size
     if max_chunks is not None:
         todo = todo[:max_chunks]
-    shape = (chunk_size, s.model.input_size, s.model.input_size, s.model.in_channels)
     bar = None
     if progress and jax.process_index() == 0:
         from tqdm import tqdm
         bar = tqdm(total=len(mine) * chunk_size, initial=done, unit="img", desc="sampling", smoothing=0.1)
     for c in todo:
-        key = jax.random.fold_in(jax.random.key(seed), c)
-        noise_key, loop_key = jax.random.split(key)
-        labels = chunk_labels(seed, c, chunk_size, s.model.num_classes)
-        noise = jax.random.normal(noise_key, shape, jnp.float32)
-        latents = sample_latents(s.model, params, jax.device_put(labels, batch_sharding), loop_key,
-                                 sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_channels=guidance,
-                                 eta=eta, clip_denoised=s.pixel_space,
-                                 noise=jax.device_put(noise, batch_sharding), **s.schedule)
+        latents, labels = sample_chunk(s.model, params, c, seed, chunk_size, batch_sharding, sampler=sampler,
+                                       steps=steps, cfg_scale=cfg_scale, guidance_channels=guidance, eta=eta,
+                                       clip_denoised=s.pixel_space, **s.schedule)
         images = images_to_uint8(decode(latents))
         buf = _npz_bytes(images=np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images, labels=labels)
         _write_atomic(_chunk_path(parts, c), buf)

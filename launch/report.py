@@ -433,11 +433,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           title=args.title, flops=not args.no_flops)
     if result["metric"] is None:
         print("no metric found (looked for " + ", ".join(AUTO_METRICS) + "); the table has losses only")
+    print_report(result)
+    return 0
+
+
+def print_report(result: dict) -> None:
+    """The report's Markdown table, then where each of its files went."""
     with open(result["files"]["md"]) as f:
         print(f.read())
     for kind, path in result["files"].items():
         print(f"{kind}: {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -162,10 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"evaluation: {time.perf_counter() - t0:.0f} s")
     result = report.build_report(root, args.out or os.path.join(root, "report"), metric=METRIC, names=names,
                                  title="Toy scaling on CPU: DiT widths x patch sizes on MNIST 16x16")
-    with open(result["files"]["md"]) as f:
-        print(f.read())
-    for kind, path in result["files"].items():
-        print(f"{kind}: {path}")
+    report.print_report(result)
     return 0
 
 

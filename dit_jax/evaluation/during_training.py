@@ -22,7 +22,6 @@ from typing import Callable, Optional
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax.evaluation import metrics
 
@@ -128,17 +127,12 @@ class FidDuringTraining:
         """uint8 images [num, S, S, C] of the EMA model, labels uniform, split over local devices."""
         from dit_jax import sample as sample_lib
         e = self.config.eval
-        local = jax.local_devices()
-        mesh = jax.sharding.Mesh(np.asarray(local), ("data",))
-        split = NamedSharding(mesh, P("data"))
-        params = jax.device_put(jax.device_get(ema_params), NamedSharding(mesh, P()))
-        chunk = e.per_device_batch * len(local)
+        params, split = sample_lib.local_data_parallel(jax.device_get(ema_params))
+        chunk = e.per_device_batch * len(jax.local_devices())
         out = []
         for c in range(-(-num // chunk)):
-            labels = sample_lib.chunk_labels(seed, c, chunk, self.model.num_classes)
-            latents = sample_lib.sample_latents(
-                self.model, params, jax.device_put(labels, split), jax.random.fold_in(jax.random.key(seed), c),
-                sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale,
+            latents, _ = sample_lib.sample_chunk(
+                self.model, params, c, seed, chunk, split, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale,
                 guidance_channels=sample_lib.guidance_channels(e.guidance),
                 clip_denoised=self.meta["autoencoder"].startswith("identity"),
                 noise_schedule=self.config.diffusion.noise_schedule, diffusion_steps=self.config.diffusion.steps)
