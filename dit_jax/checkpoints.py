@@ -19,6 +19,8 @@ import os
 import pickle
 import re
 import struct
+import sys
+import traceback
 import zipfile
 import zlib
 from typing import Any, Callable, Mapping, Optional
@@ -696,6 +698,31 @@ def _step_dir(manager, step: int):
     return manager.directory / str(step)
 
 
+def _is_late_callback_to_closed_loop(args) -> bool:
+    """An exception of a TensorStore read that completed after Orbax's restore had already
+    failed on another read and closed its asyncio loop: `call_soon_threadsafe` on the closed loop."""
+    if args.exc_type is not RuntimeError or str(args.exc_value) != "Event loop is closed":
+        return False
+    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(args.exc_traceback)]
+    return "call_soon_threadsafe" in frames
+
+
+def _drop_late_callbacks_to_closed_loops() -> None:
+    """Installs (once) an unraisable-exception hook that drops `_is_late_callback_to_closed_loop`
+    reports, which would otherwise print dozens of harmless tracebacks after a failed restore.
+    Every other unraisable exception goes to the hook that was there before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_dit_jax_filter", False):
+        return
+
+    def hook(args):
+        if not _is_late_callback_to_closed_loop(args):
+            previous(args)
+
+    hook._dit_jax_filter = True
+    sys.unraisablehook = hook
+
+
 def restore_checkpoint(manager, step: int, abstract_state=None, shardings=None, log=print):
     """(state, data_state) of training checkpoint `step`, placed as `abstract_state` with
     `shardings` (or as saved, when None) and verified against the fingerprint saved with it.
@@ -711,6 +738,7 @@ def restore_checkpoint(manager, step: int, abstract_state=None, shardings=None, 
     has_fingerprint = (_step_dir(manager, step) / FINGERPRINT_ITEM).exists()
     if has_fingerprint:
         items[FINGERPRINT_ITEM] = ocp.args.JsonRestore()
+    _drop_late_callbacks_to_closed_loops()
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax/TensorStore raise many types for missing or damaged files
