@@ -742,7 +742,9 @@ def restore_checkpoint(manager, step: int, abstract_state=None, shardings=None, 
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax/TensorStore raise many types for missing or damaged files
-        message = " ".join(str(e).split())
+        while (e.__cause__ or e.__context__) is not None:  # the innermost error names the file
+            e = e.__cause__ or e.__context__
+        message = " ".join(str(e).split()).split(" See full TensorStore details")[0]
         raise CheckpointError(f"{where} cannot be restored ({type(e).__name__}: {message[:300]})") from None
     if not has_fingerprint:
         log(f"warning: {where} has no fingerprint (written by an older version); its contents are not verified")
