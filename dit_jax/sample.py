@@ -33,7 +33,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax import cli, checkpoints, diffusion, models
+from dit_jax import cli, checkpoints, diffusion, files, models
 
 
 def guidance_channels(guidance: str) -> Optional[int]:
@@ -236,7 +236,7 @@ def sample_eval_set(s: Sampler, output: str, num_samples: int, *, per_device_bat
                 raise ValueError(f"{parts} holds chunks made with other settings {diff} (before, now); "
                                  "use the same settings to resume, or delete it to start over.")
         else:
-            _write_atomic(manifest, json.dumps(settings, indent=1).encode())
+            files.write_atomically(manifest, json.dumps(settings, indent=1).encode())
     decode = s.decoder()
     params, batch_sharding = local_data_parallel(s.params)
     mine = [c for c in range(n_chunks) if c % jax.process_count() == jax.process_index()]
@@ -253,8 +253,8 @@ def sample_eval_set(s: Sampler, output: str, num_samples: int, *, per_device_bat
                                        steps=steps, cfg_scale=cfg_scale, guidance_channels=guidance, eta=eta,
                                        clip_denoised=s.pixel_space, **s.schedule)
         images = images_to_uint8(decode(latents))
-        buf = _npz_bytes(images=np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images, labels=labels)
-        _write_atomic(_chunk_path(parts, c), buf)
+        buf = files.npz_bytes(images=np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images, labels=labels)
+        files.write_atomically(_chunk_path(parts, c), buf)
         if png_dir:
             for i, image in enumerate(images):
                 if c * chunk_size + i < num_samples:
@@ -278,7 +278,7 @@ def sample_eval_set(s: Sampler, output: str, num_samples: int, *, per_device_bat
                 labels.append(part["labels"])
         images = np.concatenate(images)[:num_samples]
         labels = np.concatenate(labels)[:num_samples]
-        _write_atomic(output, _npz_bytes(arr_0=images, arr_1=labels))
+        files.write_atomically(output, files.npz_bytes(arr_0=images, arr_1=labels))
         if not keep_parts:
             for c in range(n_chunks):
                 os.remove(_chunk_path(parts, c))
@@ -292,22 +292,6 @@ def _chunk_path(parts: str, chunk: int) -> str:
     return os.path.join(parts, f"chunk_{chunk:06d}.npz")
 
 
-def _npz_bytes(**arrays) -> bytes:
-    import io
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write-then-rename: a crash leaves either the old file or the whole new one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dit_jax import checkpoints, diffusion as diffusion_lib, flops, models, sharding
+from dit_jax import checkpoints, diffusion as diffusion_lib, files, flops, models, sharding
 from dit_jax.data import encode as encode_lib
 from dit_jax.data import latents as latents_lib
 from dit_jax.data import pipeline as pipeline_lib
@@ -418,15 +418,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
 RUN_CONFIG_FILE = "config.json"
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Replaces `path` by `text` so that a reader (or a kill) never sees half of it."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def save_run_config(workdir: str, config) -> None:
-    _write_atomically(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json_best_effort(indent=1))
+    files.write_atomically(os.path.join(workdir, RUN_CONFIG_FILE), config.to_json_best_effort(indent=1))
 
 
 def trim_metrics(workdir: str, step: int) -> None:
@@ -444,7 +437,7 @@ def trim_metrics(workdir: str, step: int) -> None:
                 continue
             if isinstance(record, dict) and record.get("step", step + 1) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    _write_atomically(path, "".join(kept))
+    files.write_atomically(path, "".join(kept))
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

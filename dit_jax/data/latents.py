@@ -35,6 +35,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from dit_jax import files
 from dit_jax.data import sources as sources_lib
 
 META_FILE = "dit_latents.json"
@@ -179,9 +180,7 @@ def encode_dataset(source: sources_lib.ImageSource, autoencoder, out_dir: str, *
             os.replace(path + ".tmp", path)
             sidecar = {"count": len(ids), "num_bytes": os.path.getsize(path), "skipped": skipped,
                        "first_id": ids[0] if ids else None, "last_id": ids[-1] if ids else None}
-            with open(path + ".json.tmp", "w") as f:
-                json.dump(sidecar, f)
-            os.replace(path + ".json.tmp", path + ".json")
+            files.write_atomically(path + ".json", json.dumps(sidecar))
             encoded += len(ids)
     progress.close()
     if todo:
@@ -238,17 +237,11 @@ def finalize_dataset(out_dir: str, *, name: str, split: str, n_units: int, featu
         with open(skipped_path) as f:
             lines = [l for l in f if l.strip() and not l.startswith(f"{split}\t")]
     lines += [f"{split}\t{i}\t{reason}\n" for i, reason in skipped]
-    _write_atomically(skipped_path, "".join(lines))
-    _write_atomically(meta_path, json.dumps(summary, indent=1))
+    files.write_atomically(skipped_path, "".join(lines))
+    files.write_atomically(meta_path, json.dumps(summary, indent=1))
     log(f"{out_dir}: {split} has {sum(lengths)} examples in {n_units} shards; {len(skipped)} images skipped"
         + (f" (listed in {SKIPPED_FILE})" if skipped else ""))
     return summary
-
-
-def _write_atomically(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def _existing_splits(out_dir: str, exclude: str) -> list:
@@ -274,7 +267,7 @@ def read_metadata(data_dir: str) -> dict:
 
 def shard_files(data_dir: str, split: str = "train") -> list[str]:
     meta = read_metadata(data_dir)
-    files = sorted(glob.glob(os.path.join(data_dir, f"{meta['name']}-{split}.array_record-*-of-*[0-9]")))
-    if not files:
+    shards = sorted(glob.glob(os.path.join(data_dir, f"{meta['name']}-{split}.array_record-*-of-*[0-9]")))
+    if not shards:
         raise ValueError(f"{data_dir} has no '{split}' shards (splits: {sorted(meta.get('splits', {}))}).")
-    return files
+    return shards

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
+from dit_jax import files
 from dit_jax.evaluation import metrics
 
 FEATURES = ("inception", "digits")
@@ -117,9 +118,7 @@ class FidDuringTraining:
             batch = records.read_batch(indices[start: start + 500])
             feats.append(self.features(self._decode(batch["mean"][:, 0].astype(np.float32))))
         self._reference = metrics.compute_statistics(np.concatenate(feats))
-        tmp = cache + ".partial.npz"
-        np.savez(tmp, mu=self._reference.mu, sigma=self._reference.sigma)
-        os.replace(tmp, cache)
+        files.write_atomically(cache, files.npz_bytes(mu=self._reference.mu, sigma=self._reference.sigma))
         return self._reference
 
     # -- the evaluation ----------------------------------------------------------------------
