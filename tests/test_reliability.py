@@ -9,7 +9,6 @@ processes on one CPU device, sharing one persistent compilation cache so restart
 import concurrent.futures
 import json
 import os
-import pickle
 import random
 import re
 import shutil
