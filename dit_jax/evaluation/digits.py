@@ -89,13 +89,17 @@ def _logits(params, x):
     return DigitClassifier().apply({"params": params}, x)
 
 
-def predict(params, images: np.ndarray, size: int = 28) -> np.ndarray:
-    """Class predictions for [N, S, S, 1] images in [-1, 1]; the center size x size is used."""
+def _apply_centered(fn, params, images: np.ndarray, size: int) -> np.ndarray:
+    """fn(params, batch) over the center size x size of [N, S, S, 1] images, 500 at a time."""
     images = np.asarray(images, np.float32)
     top = (images.shape[1] - size) // 2
     images = images[:, top: top + size, top: top + size]
-    return np.concatenate([np.asarray(jnp.argmax(_logits(params, images[i:i + 500]), -1))
-                           for i in range(0, len(images), 500)])
+    return np.concatenate([np.asarray(fn(params, images[i:i + 500])) for i in range(0, len(images), 500)])
+
+
+def predict(params, images: np.ndarray, size: int = 28) -> np.ndarray:
+    """Class predictions for [N, S, S, 1] images in [-1, 1]; the center size x size is used."""
+    return _apply_centered(lambda p, x: jnp.argmax(_logits(p, x), -1), params, images, size)
 
 
 @jax.jit
@@ -107,11 +111,7 @@ def _penultimate(params, x):
 def features(params, images: np.ndarray, size: int = 28) -> np.ndarray:
     """The classifier's penultimate features (128-d, after ReLU) of [N, S, S, 1] images in
     [-1, 1] (center size x size): the feature space of the digit Fréchet distance."""
-    images = np.asarray(images, np.float32)
-    top = (images.shape[1] - size) // 2
-    images = images[:, top: top + size, top: top + size]
-    return np.concatenate([np.asarray(_penultimate(params, images[i:i + 500]))
-                           for i in range(0, len(images), 500)])
+    return _apply_centered(_penultimate, params, images, size)
 
 
 def cached_classifier(size: int = 28, cache_dir: Optional[str] = None, log=print) -> tuple[dict, float]:
