@@ -9,13 +9,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+REFERENCE = REPO / "tests" / "reference"
 DATA = REPO / "tests" / "data"
 
 
 def reference_path(env: str, default_name: str) -> pathlib.Path:
-    """Fixture path (without extension) from `env`, default ../shared/reference/<name>."""
-    return pathlib.Path(os.environ.get(env, SHARED_REFERENCE / default_name))
+    """Fixture path (without extension) from `env`, default tests/reference/<name>."""
+    return pathlib.Path(os.environ.get(env, REFERENCE / default_name))
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import reference_path
 from dit_jax import autoencoder as autoencoder_lib
+from dit_jax import vae
 from dit_jax.data import builder, encode, latents, pipeline, sources
 
 
@@ -74,10 +76,8 @@ def test_folder_encode_skips_corrupt_and_stores_flip(tmp_path):
 
 def test_vae_encoding_stores_posterior_of_image_and_flip(tmp_path):
     """Through the real (tiny) diffusers VAE folder: stored moments are the VAE's, in float16."""
-    from conftest import SHARED_REFERENCE
-    from dit_jax import vae
     root = make_folder(tmp_path / "imgs", sizes=((40, 30), (33, 33)), corrupt=False)
-    ae = autoencoder_lib.load_autoencoder(str(SHARED_REFERENCE / "vae_tiny_diffusers"))
+    ae = autoencoder_lib.load_autoencoder(f"{reference_path('VAE_REFERENCE', 'vae_tiny')}_diffusers")
     with pytest.raises(ValueError, match="multiple"):
         ae.latent_shape(30)
     out = tmp_path / "lat"

