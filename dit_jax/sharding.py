@@ -2,7 +2,7 @@
 
 The mesh has axes ('data', 'fsdp'): the batch is split over both, parameters over 'fsdp'
 (replicated when fsdp = 1). The model names parameter axes logically ('embed', 'mlp',
-'vocab'); rules map logical names to mesh axes and live in the config.
+'vocab'); rules map logical names to mesh axes and live in the config (`config.mesh.rules`).
 """
 
 from __future__ import annotations
@@ -16,15 +16,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
-
-#: logical axis -> mesh axis. Weights are split along their 'mlp' (wide) axis over 'fsdp'.
-DEFAULT_RULES: tuple = (
-    ("batch", ("data", "fsdp")),
-    ("embed", None),
-    ("mlp", "fsdp"),
-    ("vocab", None),
-)
-
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A ('data', 'fsdp') mesh over `devices` (default: all); data=-1 takes what fsdp leaves."""
@@ -45,7 +36,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(MESH_AXES))
 
 
-def param_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
+def logical_rules(config) -> tuple:
+    """`config.mesh.rules` as flax wants them: (logical axis, mesh axis or tuple of axes) pairs
+    (a config read back from JSON holds lists)."""
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
+
+
+def param_shardings(abstract_variables, mesh: Mesh, rules: Sequence):
     """NamedShardings for a boxed (logically annotated) variable tree from `jax.eval_shape(init)`."""
     specs = nn.get_partition_spec(abstract_variables)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)

@@ -132,14 +132,14 @@ def model_stats(config_dict: dict) -> dict:
     if not config_dict:
         return {}
     import ml_collections
-    from dit_jax import flops, models, train
+    from dit_jax import flops, models, workdir
     from dit_jax.data import latents as latents_lib
     config = ml_collections.ConfigDict(config_dict)
     try:
-        meta = latents_lib.read_metadata(train.resolve_data_dir(config))
+        meta = latents_lib.read_metadata(workdir.dataset_dir(config))
     except Exception:  # dataset not here: its shape from the config
         meta = _guess_meta(config)
-    model = train.model_from_config(config, meta)
+    model = workdir.model_for_dataset(config, meta)
     return {"params": models.count_params(models.abstract_params(model)), "gflops": flops.forward_flops(model) / 1e9,
             "tokens": model.num_patches, "patch_size": model.patch_size}
 

@@ -66,18 +66,13 @@ def sample_checkpoint(workdir: str, step: int, per_class: int, *, sampler: str =
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from dit_jax import autoencoder as autoencoder_lib
-    from dit_jax import sample as sample_lib
-    from dit_jax import train
-    model, ema, got, meta = train.load_ema_from_workdir(workdir, step)
-    schedule = train.load_run_config(workdir).diffusion
-    labels = np.repeat(np.arange(model.num_classes, dtype=np.int32), per_class)
-    latents = sample_lib.sample_latents(model, ema, jnp.asarray(labels), jax.random.PRNGKey(seed), sampler=sampler,
-                                        steps=steps, cfg_scale=1.0, guidance_channels=None,
-                                        clip_denoised=meta["autoencoder"].startswith("identity"),
-                                        noise_schedule=schedule.noise_schedule, diffusion_steps=schedule.steps)
-    ae = autoencoder_lib.load_autoencoder(meta["autoencoder"])
-    return np.asarray(ae.decode(np.asarray(latents) / meta["scaling_factor"])), labels
+    from dit_jax import sampling
+    g = sampling.generator_from_workdir(workdir, step)
+    labels = np.repeat(np.arange(g.model.num_classes, dtype=np.int32), per_class)
+    latents = sampling.sample_latents(g.model, g.params, jnp.asarray(labels), jax.random.PRNGKey(seed),
+                                      sampler=sampler, steps=steps, cfg_scale=1.0, guidance_channels=None,
+                                      clip_denoised=g.pixel_space, **g.schedule)
+    return np.asarray(g.decoder()(latents)), labels
 
 
 def evaluate_run(workdir: str, evaluator: Evaluator, per_class: int, *, sampler: str, steps: int,

@@ -11,7 +11,7 @@ def run(*args, cwd=None):
 
 
 def test_flops_cli_one_model():
-    res = run("dit_jax.flops", "--model=XL/2", "--model=S/8")
+    res = run("dit_jax.gflops", "--model=XL/2", "--model=S/8")
     assert res.returncode == 0, res.stderr
     assert "DiT-XL/2      675,129,632     256    118.64" in res.stdout
     assert "DiT-S/8" in res.stdout
@@ -33,7 +33,7 @@ def test_convert_then_sample(tmp_path, data_dir):
 
 def test_cli_user_errors_are_one_line(tmp_path, data_dir):
     cases = [
-        ("dit_jax.flops", "--model=XXL/2"),
+        ("dit_jax.gflops", "--model=XXL/2"),
         ("dit_jax.convert", "--model=S/2", f"--input={data_dir / 'dit_tiny_train.pt'}", f"--output={tmp_path / 'x'}"),
         ("dit_jax.convert", "--model=S/2", f"--input={tmp_path / 'nope.pt'}", f"--output={tmp_path / 'y'}"),
         ("dit_jax.sample", "--model=S/8", "--input_size=8", "--num_classes=10", "--labels=3,10"),

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import reference_path
 from dit_jax import autoencoder as autoencoder_lib
 from dit_jax import vae
-from dit_jax.data import builder, encode, latents, pipeline, sources
+from dit_jax.data import builder, embedded, encode, latents, pipeline, sources
 
 
 def quiet(*_):
@@ -23,7 +23,7 @@ def quiet(*_):
 
 @pytest.fixture(scope="module")
 def embedded_dir(tmp_path_factory):
-    return encode.ensure_embedded_dataset(str(tmp_path_factory.mktemp("data") / "mnist"), log=quiet)
+    return embedded.ensure_embedded_dataset(str(tmp_path_factory.mktemp("data") / "mnist"), log=quiet)
 
 
 def make_folder(root, sizes=((40, 30), (17, 25), (64, 64)), classes=("cat", "dog"), corrupt=True):
@@ -279,7 +279,7 @@ def test_embedded_dataset_builds_once(embedded_dir):
     meta = latents.read_metadata(embedded_dir)
     assert meta["splits"]["train"]["num_examples"] == 5000 and meta["latent_shape"] == [32, 32, 1]
     logs = []
-    encode.ensure_embedded_dataset(embedded_dir, log=logs.append)
+    embedded.ensure_embedded_dataset(embedded_dir, log=logs.append)
     assert logs == []
     with pytest.raises(ValueError, match="not a complete latent dataset"):
         latents.read_metadata(os.path.dirname(embedded_dir))

@@ -163,3 +163,20 @@ def test_cfg_model_fn_formula():
         np.testing.assert_allclose(out[..., guided], want[..., guided])
         rest = np.arange(8)[guided.stop:]
         np.testing.assert_allclose(out[..., rest], cond[..., rest])
+
+
+def test_guidance_never_touches_the_variance_channels_of_a_one_channel_model():
+    """Official 3-channel guidance on a 1-channel model with learned sigma (2 output channels)
+    guides the one epsilon channel; the variance channel stays the conditional prediction."""
+    labels = jnp.array([1, 2])
+
+    def apply(x, t, y):
+        return jnp.concatenate([x + y[:, None, None, None], x * 0 + 10 * y[:, None, None, None]], -1)
+
+    x = jnp.ones((2, 2, 2, 1))
+    t = jnp.zeros((2,), jnp.int32)
+    cond, uncond = apply(x, t, labels), apply(x, t, jnp.full((2,), 5))
+    for channels in (3, None):
+        out = diffusion.cfg_model_fn(apply, labels, 5, 2.0, channels)(x, t)
+        np.testing.assert_allclose(out[..., :1], (uncond + 2.0 * (cond - uncond))[..., :1])
+        np.testing.assert_allclose(out[..., 1:], cond[..., 1:])

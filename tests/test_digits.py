@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from dit_jax.data import encode, latents
+from dit_jax.data import embedded, latents
 from dit_jax.evaluation import digits
 
 
@@ -20,6 +20,6 @@ def test_classifier_scores_real_digits_and_rejects_wrong_labels():
 
 
 def test_embedded_dataset_at_other_sizes(tmp_path):
-    path = encode.ensure_embedded_dataset(str(tmp_path / "m16"), image_size=16, log=lambda *a: None)
+    path = embedded.ensure_embedded_dataset(str(tmp_path / "m16"), image_size=16, log=lambda *a: None)
     meta = latents.read_metadata(path)
     assert meta["image_size"] == 16 and meta["latent_shape"] == [16, 16, 1] and meta["autoencoder"] == "identity:16"

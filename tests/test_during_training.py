@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from dit_jax import train
+from dit_jax import train, workdir as workdir_lib
 from dit_jax.evaluation import digits, during_training
 from test_train import tiny_config
 
@@ -37,10 +37,10 @@ def test_fd_is_logged_during_training_against_the_cached_training_set(tmp_path):
 
 def test_fd_separates_real_digits_from_noise(tmp_path):
     config = eval_config(**{"eval.num_samples": 200})
-    data_dir = train.resolve_data_dir(config)
+    data_dir = workdir_lib.dataset_dir(config)
     from dit_jax.data import latents
     meta = latents.read_metadata(data_dir)
-    fd = during_training.FidDuringTraining(config, train.model_from_config(config, meta), meta, data_dir,
+    fd = during_training.FidDuringTraining(config, workdir_lib.model_for_dataset(config, meta), meta, data_dir,
                                            str(tmp_path), log=lambda *_: None)
     reference = fd.reference()
     assert reference.mu.shape == (128,) and reference.sigma.shape == (128, 128)

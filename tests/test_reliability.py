@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from dit_jax import checkpoints, train
-from dit_jax.data import encode, latents
+from dit_jax import checkpoints, train, workdir as workdir_lib
+from dit_jax.data import embedded, latents
 from test_train import tiny_config
 
 SEED = 1234  # of the kill schedule
@@ -300,7 +300,7 @@ def test_readers_leave_a_running_training_alone(tmp_path, reference):
     (in_flight / "state").mkdir(parents=True)
     (in_flight / "state" / "partial").write_bytes(b"being written")
     before = files_of(workdir)
-    _, ema, step, _ = train.load_ema_from_workdir(str(workdir))
+    _, ema, step, _ = workdir_lib.load_ema(str(workdir))
     assert step == STEPS and files_of(workdir) == before
     want = read_checkpoint(reference / "checkpoints")[0]
     got = {f"['ema_params']{jax.tree_util.keystr(p)}": np.asarray(v)
@@ -317,7 +317,7 @@ def test_encoder_killed_mid_way_resumes_without_duplicates_or_gaps(tmp_path, env
     """kill -9 inside a shard, then inside another, then a full run: the same 5,000 examples as
     an uninterrupted encode (the cached 8px dataset), each once, with the same contents."""
     import tensorflow_datasets as tfds
-    reference = encode.ensure_embedded_dataset(str(cache / "embedded_mnist5k_8px"), image_size=8, log=lambda *_: None)
+    reference = embedded.ensure_embedded_dataset(str(cache / "embedded_mnist5k_8px"), image_size=8, log=lambda *_: None)
     out = tmp_path / "lat"
     cmd = [sys.executable, "-m", "dit_jax.data.encode", "--source=embedded", "--autoencoder=identity:8",
            "--image_size=8", "--batch_size=32", f"--output={out}"]
@@ -485,7 +485,7 @@ def test_damaged_torch_and_safetensors_files_are_clear_errors(tmp_path, data_dir
 def test_cli_user_errors_are_one_line_without_traceback(tmp_path, env, cache, data_dir):
     """Each a real process: exit status 1, one `error:` line on stderr naming the problem, no
     traceback. Run two at a time (each costs a few seconds of imports)."""
-    embedded_8px = encode.ensure_embedded_dataset(str(cache / "embedded_mnist5k_8px"), image_size=8,
+    embedded_8px = embedded.ensure_embedded_dataset(str(cache / "embedded_mnist5k_8px"), image_size=8,
                                                   log=lambda *_: None)
     marker = tmp_path / "executed"
     evil = torch_zip(tmp_path / "evil.bin", _call("builtins", "eval", f"open({str(marker)!r}, 'w').close()"))
@@ -507,13 +507,13 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path, env, cache, da
          "/no/such/ckpt.pt: no such file"),
         (("dit_jax.convert", f"--input={evil}", f"--output={tmp_path / 'out'}"), "refused to load"),
         (("dit_jax.convert", f"--output={tmp_path / 'out'}"), "--input is required"),
-        (("dit_jax.flops", "--model=S/2", "--input_size=-4"), "input_size=-4"),
-        (("dit_jax.flops", "--no_such_flag"), "Unknown command line flag 'no_such_flag'"),
+        (("dit_jax.gflops", "--model=S/2", "--input_size=-4"), "input_size=-4"),
+        (("dit_jax.gflops", "--no_such_flag"), "Unknown command line flag 'no_such_flag'"),
         (("dit_jax.data.encode", "--source=embedded", "--autoencoder=identity:16", "--image_size=28",
           f"--output={tmp_path / 'enc'}"), "pads to 16"),
         (("dit_jax.data.encode", "--batch_size=0", f"--output={tmp_path / 'enc'}"), "--batch_size must be positive"),
-        (("dit_jax.evaluation.digits", f"--workdir={tmp_path / 'nowhere'}"), "is not a training workdir"),
-        (("dit_jax.evaluation.digits", "--per_class=many"), "--per_class=many"),
+        (("dit_jax.score_digits", f"--workdir={tmp_path / 'nowhere'}"), "is not a training workdir"),
+        (("dit_jax.score_digits", "--per_class=many"), "--per_class=many"),
     ]
 
     def run(args):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax import models, sample
+from dit_jax import models, sampling
 
 
 def _perturbed_params(model, seed=0, scale=0.05):
@@ -24,7 +24,7 @@ def _perturbed_params(model, seed=0, scale=0.05):
 def tiny_sampler():
     model = models.DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2,
                        num_classes=5)
-    return sample.Sampler(model, _perturbed_params(model), "identity:8", 1.0, 8, "tiny test model")
+    return sampling.Generator(model, _perturbed_params(model), "identity:8", 1.0, 8, "tiny test model")
 
 
 KW = dict(per_device_batch=1, sampler="ddim", steps=4, cfg_scale=1.5, guidance=None, seed=3, progress=False)
@@ -32,7 +32,7 @@ KW = dict(per_device_batch=1, sampler="ddim", steps=4, cfg_scale=1.5, guidance=N
 
 def test_eval_set_is_adm_format_and_exact_after_interruption(tmp_path, tiny_sampler):
     full = tmp_path / "full.npz"
-    assert sample.sample_eval_set(tiny_sampler, str(full), 20, **KW) == str(full)
+    assert sampling.sample_eval_set(tiny_sampler, str(full), 20, **KW) == str(full)
     with np.load(full) as f:
         images, labels = f["arr_0"], f["arr_1"]
     assert images.dtype == np.uint8 and images.shape == (20, 8, 8, 3)  # grayscale as RGB
@@ -43,9 +43,9 @@ def test_eval_set_is_adm_format_and_exact_after_interruption(tmp_path, tiny_samp
 
     resumed = tmp_path / "resumed.npz"
     log = []
-    assert sample.sample_eval_set(tiny_sampler, str(resumed), 20, max_chunks=1, log=log.append, **KW) is None
+    assert sampling.sample_eval_set(tiny_sampler, str(resumed), 20, max_chunks=1, log=log.append, **KW) is None
     assert not resumed.exists() and "1/3 chunks" in log[-1]
-    assert sample.sample_eval_set(tiny_sampler, str(resumed), 20, **KW) == str(resumed)
+    assert sampling.sample_eval_set(tiny_sampler, str(resumed), 20, **KW) == str(resumed)
     with np.load(resumed) as f:
         np.testing.assert_array_equal(f["arr_0"], images)
         np.testing.assert_array_equal(f["arr_1"], labels)
@@ -53,22 +53,22 @@ def test_eval_set_is_adm_format_and_exact_after_interruption(tmp_path, tiny_samp
 
 def test_eval_set_refuses_to_mix_settings(tmp_path, tiny_sampler):
     out = str(tmp_path / "s.npz")
-    sample.sample_eval_set(tiny_sampler, out, 20, max_chunks=1, log=lambda *_: None, **KW)
+    sampling.sample_eval_set(tiny_sampler, out, 20, max_chunks=1, log=lambda *_: None, **KW)
     with pytest.raises(ValueError, match="other settings.*cfg_scale"):
-        sample.sample_eval_set(tiny_sampler, out, 20, **{**KW, "cfg_scale": 4.0})
+        sampling.sample_eval_set(tiny_sampler, out, 20, **{**KW, "cfg_scale": 4.0})
 
 
 def test_sharded_chunk_matches_one_device(tiny_sampler):
     """The data-parallel chunk is the same computation as sampling the batch on one device."""
     s = tiny_sampler
-    labels = sample.chunk_labels(0, 0, 8, s.model.num_classes)
+    labels = sampling.chunk_labels(0, 0, 8, s.model.num_classes)
     noise = np.random.default_rng(0).standard_normal((8, 8, 8, 1)).astype(np.float32)
     key = jax.random.key(1)
     kw = dict(sampler="ddpm", steps=5, cfg_scale=2.0, guidance_channels=None, clip_denoised=True)
-    one = sample.sample_latents(s.model, s.params, jnp.asarray(labels), key, noise=jnp.asarray(noise), **kw)
+    one = sampling.sample_latents(s.model, s.params, jnp.asarray(labels), key, noise=jnp.asarray(noise), **kw)
     mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    many = sample.sample_latents(s.model, s.params, jax.device_put(labels, split), key,
+    many = sampling.sample_latents(s.model, s.params, jax.device_put(labels, split), key,
                                  noise=jax.device_put(noise, split), **kw)
     assert len(many.sharding.device_set) == len(jax.local_devices())
     np.testing.assert_allclose(np.asarray(many), np.asarray(one), atol=1e-5)
@@ -76,7 +76,7 @@ def test_sharded_chunk_matches_one_device(tiny_sampler):
 
 def test_make_grid_layout_and_conversion():
     images = np.stack([np.full((2, 2, 1), v, np.float32) for v in (-1.0, 0.0, 1.0)])
-    grid = sample.make_grid(images, ncol=2, pad=1)
+    grid = sampling.make_grid(images, ncol=2, pad=1)
     assert grid.shape == (1 + 2 * 3, 1 + 2 * 3, 1)
     assert grid[1, 1, 0] == 0 and grid[1, 4, 0] == 128 and grid[4, 1, 0] == 255 and grid[4, 4, 0] == 0
 
@@ -103,7 +103,7 @@ def test_sample_cli_eval_set_and_grid(tmp_path):
 def test_ddim_inversion_round_trip_with_an_exact_denoiser():
     """For Gaussian data N(0, s^2) the ideal eps-prediction is known in closed form; DDIM
     inversion must land on the ODE's x_T and reconstruction return the input, closer with more steps."""
-    from dit_jax import diffusion, invert
+    from dit_jax import diffusion
     s2 = 0.25
     base = diffusion.create_diffusion("", learn_sigma=True)
     ab = jnp.asarray(base.consts["alphas_cumprod"], jnp.float32)
@@ -117,7 +117,7 @@ def test_ddim_inversion_round_trip_with_an_exact_denoiser():
     errors = []
     for steps in (50, 250, 1000):
         process = diffusion.create_diffusion(f"ddim{steps}", learn_sigma=True)
-        noise, recon = jax.jit(lambda x: invert.round_trip(process, oracle, x))(jnp.asarray(x0))
+        noise, recon = jax.jit(lambda x: sampling.round_trip(process, oracle, x))(jnp.asarray(x0))
         # the probability-flow ODE maps N(0, s^2) onto N(0, 1), x_T = x_0 / s; DDIM is its first-order solver
         np.testing.assert_allclose(np.asarray(noise), x0 / np.sqrt(s2), rtol=3.0 / steps)
         errors.append(float(jnp.max(jnp.abs(recon - x0))))
@@ -157,13 +157,13 @@ def test_samplers_use_the_training_noise_schedule(tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_JAX_CACHE", str(tmp_path / "cache"))
     config = tiny_config(**{"num_train_steps": 1, "diffusion.noise_schedule": "cosine", "mesh.num_devices": 1})
     train.train_and_evaluate(config, str(tmp_path / "w"))
-    s = sample.sampler_from_workdir(str(tmp_path / "w"))
+    s = sampling.generator_from_workdir(str(tmp_path / "w"))
     assert s.schedule == {"noise_schedule": "cosine", "diffusion_steps": 1000}
     s.params = _perturbed_params(s.model)
     labels = jnp.arange(4) % s.model.num_classes
     shape = (4, s.model.input_size, s.model.input_size, s.model.in_channels)
     noise = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
-    got = sample.sample_latents(s.model, s.params, labels, jax.random.key(0), sampler="ddim", steps=5, cfg_scale=1.0,
+    got = sampling.sample_latents(s.model, s.params, labels, jax.random.key(0), sampler="ddim", steps=5, cfg_scale=1.0,
                                 noise=noise, clip_denoised=True, **s.schedule)
     fn = lambda x, t: s.model.apply({"params": s.params}, x, t, labels)
     for schedule, same in (("cosine", True), ("linear", False)):

@@ -1,12 +1,18 @@
 """Logical axis annotations in the model map onto a ('data', 'fsdp') mesh of 8 simulated devices."""
 
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
 from dit_jax import models, sharding
+
+sys.path.insert(0, str(REPO))
+from configs import default  # noqa: E402
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
 
@@ -19,7 +25,7 @@ def test_sharded_init_and_forward_match_one_device():
     x = x + jnp.arange(8.0)[:, None, None, None]
     init = lambda rng: model.init({"params": rng}, x, t, y)
     abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = sharding.param_shardings(abstract, mesh)
+    shardings = sharding.param_shardings(abstract, mesh, sharding.logical_rules(default.get_config()))
     variables = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     fc1 = nn.meta.unbox(variables)["params"]["blocks_0"]["mlp"]["fc1"]["kernel"]
     assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")

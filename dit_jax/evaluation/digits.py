@@ -1,8 +1,7 @@
 """Does the demo draw the digit it was asked for? A small CNN trained on the same real data
 (the embedded MNIST 5k: 4,500 images to train, 500 held out) classifies class-conditional
-samples; the score is the accuracy on samples of each requested class.
-
-  python -m dit_jax.evaluation.digits --workdir=workdir/demo --cfg_scales=1,2,3,4 --per_class=50
+samples; the score is the accuracy on samples of each requested class. Its penultimate
+features give the digit Fréchet distance (FD-digits). The command line is dit_jax.score_digits.
 
 The classifier is trained once (about a minute on 2 CPU cores) and cached next to the
 embedded dataset; its held-out accuracy is printed so the score can be read against it.
@@ -10,7 +9,6 @@ embedded dataset; its held-out accuracy is printed so the score can be read agai
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Sequence
 
@@ -19,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags
+from flax import serialization
+from PIL import Image
 
-from dit_jax import cli
+from dit_jax import files, sampling
 from dit_jax.data import sources
 
 
@@ -41,7 +40,6 @@ class DigitClassifier(nn.Module):
 
 def real_digits(size: int = 28) -> tuple[np.ndarray, np.ndarray]:
     """The embedded MNIST at `size` px (ADM crop, as the encoder does): [5000, size, size, 1] in [-1, 1]."""
-    from PIL import Image
     images, labels = sources.load_embedded_mnist()
     if size != images.shape[1]:
         images = np.stack([sources.center_crop_arr(Image.fromarray(i), size) for i in images])
@@ -115,8 +113,7 @@ def features(params, images: np.ndarray, size: int = 28) -> np.ndarray:
 
 
 def cached_classifier(size: int = 28, cache_dir: Optional[str] = None, log=print) -> tuple[dict, float]:
-    from flax import serialization
-    cache_dir = cache_dir or os.environ.get("DIT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dit_jax"))
+    cache_dir = cache_dir or files.cache_dir()
     path = os.path.join(cache_dir, f"digit_classifier_{size}px.msgpack")
     if os.path.isfile(path):
         with open(path, "rb") as f:
@@ -137,61 +134,20 @@ def score_samples(classifier_params, images: np.ndarray, labels: np.ndarray, siz
     return {"accuracy": float(np.mean(pred == labels)), "per_class": per_class}
 
 
-def evaluate_workdir(workdir: str, cfg_scales: Sequence[float], per_class: int, *, sampler: str = "ddim",
-                     steps: int = 50, seed: int = 0, log=print) -> dict:
-    """Samples the latest EMA checkpoint of a demo run at each cfg scale and scores it."""
-    from dit_jax import autoencoder as autoencoder_lib
-    from dit_jax import sample as sample_lib
-    from dit_jax import train
-    model, ema_params, step, meta = train.load_ema_from_workdir(workdir)
-    schedule = train.load_run_config(workdir).diffusion
-    size = meta["image_size"]
-    classifier, held_out = cached_classifier(size, log=log)
-    ae = autoencoder_lib.load_autoencoder(meta["autoencoder"])
-    labels = np.repeat(np.arange(model.num_classes, dtype=np.int32), per_class)
-    results = {"step": step, "classifier_held_out_accuracy": held_out, "scales": {}}
+def evaluate_workdir(workdir: str, cfg_scales: Sequence[float], per_class: int, *,
+                     sampler: str = "ddim", steps: int = 50, seed: int = 0, log=print) -> dict:
+    """Samples the latest EMA checkpoint of a demo run at each cfg scale (every channel
+    guided) and scores it."""
+    g = sampling.generator_from_workdir(workdir)
+    classifier, held_out = cached_classifier(g.image_size, log=log)
+    decode = g.decoder()
+    labels = np.repeat(np.arange(g.model.num_classes, dtype=np.int32), per_class)
+    results = {"step": g.step, "classifier_held_out_accuracy": held_out, "scales": {}}
     for scale in cfg_scales:
-        latents = sample_lib.sample_latents(model, ema_params, jnp.asarray(labels), jax.random.PRNGKey(seed),
-                                            sampler=sampler, steps=steps, cfg_scale=scale, guidance_channels=None,
-                                            clip_denoised=meta["autoencoder"].startswith("identity"),
-                                            noise_schedule=schedule.noise_schedule, diffusion_steps=schedule.steps)
-        images = ae.decode(np.asarray(latents) / meta["scaling_factor"])
-        results["scales"][float(scale)] = score_samples(classifier, images, labels, size)
+        latents = sampling.sample_latents(
+            g.model, g.params, jnp.asarray(labels), jax.random.PRNGKey(seed), sampler=sampler,
+            steps=steps, cfg_scale=scale, guidance_channels=None, clip_denoised=g.pixel_space,
+            **g.schedule)
+        results["scales"][float(scale)] = score_samples(classifier, decode(latents), labels,
+                                                        g.image_size)
     return results
-
-
-def define_flags():
-    """Defines this tool's command-line flags (only when run as a program)."""
-    global _WORKDIR, _SCALES, _PER_CLASS, _SAMPLER, _STEPS, _OUTPUT
-    _WORKDIR = flags.DEFINE_string("workdir", None, "A demo training workdir.")
-    _SCALES = flags.DEFINE_list("cfg_scales", ["1", "2", "3", "4"], "Guidance scales to score.")
-    _PER_CLASS = flags.DEFINE_integer("per_class", 50, "Samples per class.")
-    _SAMPLER = flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm"], "Sampler.")
-    _STEPS = flags.DEFINE_integer("steps", 50, "Sampling steps.")
-    _OUTPUT = flags.DEFINE_string("output", None, "Also write the results as JSON here.")
-
-
-def main(argv):
-    if not _WORKDIR.value:
-        raise ValueError("--workdir is required.")
-    try:
-        scales = [float(s) for s in _SCALES.value]
-    except ValueError:
-        raise ValueError(f"--cfg_scales must be numbers, got {','.join(_SCALES.value)}.") from None
-    results = evaluate_workdir(_WORKDIR.value, scales, _PER_CLASS.value,
-                               sampler=_SAMPLER.value, steps=_STEPS.value)
-    print(f"step {results['step']}; classifier held-out accuracy on real digits: "
-          f"{results['classifier_held_out_accuracy']:.1%}")
-    for scale, r in results["scales"].items():
-        worst = min(r["per_class"].items(), key=lambda kv: kv[1])
-        print(f"cfg {scale:g}: accuracy {r['accuracy']:.1%} on {_PER_CLASS.value} samples/class "
-              f"(worst class {worst[0]}: {worst[1]:.0%}) per class: "
-              + " ".join(f"{c}:{a:.0%}" for c, a in r["per_class"].items()))
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
-            json.dump(results, f, indent=1)
-
-
-if __name__ == "__main__":
-    define_flags()
-    cli.run(main)

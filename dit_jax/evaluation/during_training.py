@@ -23,8 +23,10 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from dit_jax import files
-from dit_jax.evaluation import metrics
+from dit_jax import autoencoder as autoencoder_lib
+from dit_jax import files, sampling
+from dit_jax.data import pipeline
+from dit_jax.evaluation import digits, inception, metrics
 
 FEATURES = ("inception", "digits")
 METRIC_NAMES = {"inception": "fid", "digits": "fd_digits"}
@@ -34,7 +36,6 @@ def feature_function(kind: str, image_size: int, *, inception_weights: str = "",
                      ) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 images [N, S, S, C] -> features [N, D] float32 for the named feature network."""
     if kind == "inception":
-        from dit_jax.evaluation import inception
         extractor = inception.load_inception(inception_weights or None, batch_size=batch_size)
 
         def inception_features(images):
@@ -44,7 +45,6 @@ def feature_function(kind: str, image_size: int, *, inception_weights: str = "",
             return extractor(images)["pool"]
         return inception_features
     if kind == "digits":
-        from dit_jax.evaluation import digits
         params, _ = digits.cached_classifier(image_size)
         return lambda images: digits.features(params, np.asarray(images, np.float32) / 127.5 - 1.0, image_size)
     raise ValueError(f"config.eval.features must be one of {FEATURES}, got {kind!r}.")
@@ -74,16 +74,10 @@ class FidDuringTraining:
     # -- pieces built on first use ---------------------------------------------------------
     def _decode(self, raw_latents: np.ndarray) -> np.ndarray:
         """Raw (unscaled) latents -> uint8 images, as the sample CLI converts them."""
-        from dit_jax import autoencoder as autoencoder_lib
-        from dit_jax import sample as sample_lib
         if self._autoencoder is None:
             self._autoencoder = autoencoder_lib.load_autoencoder(self.meta["autoencoder"])
-        ae = self._autoencoder
-        if isinstance(ae, autoencoder_lib.IdentityAutoencoder):
-            images = ae.decode(raw_latents, image_size=self.meta["image_size"])
-        else:
-            images = ae.decode(raw_latents)
-        return sample_lib.images_to_uint8(images)
+        images = self._autoencoder.decode(raw_latents, image_size=self.meta["image_size"])
+        return sampling.images_to_uint8(images)
 
     def features(self, images: np.ndarray) -> np.ndarray:
         if self._features is None:
@@ -108,7 +102,6 @@ class FidDuringTraining:
             with np.load(cache) as f:
                 self._reference = metrics.FeatureStatistics(f["mu"], f["sigma"])
             return self._reference
-        from dit_jax.data import pipeline
         records = pipeline.LatentRecords(self.data_dir, self.config.data.split)
         n = min(e.num_samples, len(records))
         indices = np.linspace(0, len(records) - 1, n).round().astype(np.int64)
@@ -124,15 +117,14 @@ class FidDuringTraining:
     # -- the evaluation ----------------------------------------------------------------------
     def sample_images(self, ema_params, num: int, seed: int) -> np.ndarray:
         """uint8 images [num, S, S, C] of the EMA model, labels uniform, split over local devices."""
-        from dit_jax import sample as sample_lib
         e = self.config.eval
-        params, split = sample_lib.local_data_parallel(jax.device_get(ema_params))
+        params, split = sampling.local_data_parallel(jax.device_get(ema_params))
         chunk = e.per_device_batch * len(jax.local_devices())
         out = []
         for c in range(-(-num // chunk)):
-            latents, _ = sample_lib.sample_chunk(
+            latents, _ = sampling.sample_chunk(
                 self.model, params, c, seed, chunk, split, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale,
-                guidance_channels=sample_lib.guidance_channels(e.guidance),
+                guidance_channels=sampling.guidance_channels(e.guidance),
                 clip_denoised=self.meta["autoencoder"].startswith("identity"),
                 noise_schedule=self.config.diffusion.noise_schedule, diffusion_steps=self.config.diffusion.steps)
             out.append(self._decode(np.asarray(latents) / self.meta["scaling_factor"]))

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
+from dit_jax.data import sources
+
 IS_SPLIT_SIZE = 5000
 NEAREST_K = 3
 
@@ -450,8 +452,6 @@ def iter_source_images(spec: str, image_size: int, *, num: Optional[int] = None,
     of that many images (seeded) in source order; the source must know its size. Images are
     decoded by a pool of `workers` threads; unreadable ones are skipped with a warning.
     The source is opened (and checked) before this returns."""
-    from dit_jax.data import sources
-
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}.")
     source = sources.open_source(spec, split)
@@ -494,3 +494,9 @@ def iter_source_images(spec: str, image_size: int, *, num: Optional[int] = None,
                 yield np.stack(batch)
 
     return batches()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB of uint8 images [N, H, W, C]."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
+    return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))
