@@ -55,7 +55,8 @@ def linspace(t0: float, t1: float, num: int) -> np.ndarray:
     t0, t1 = np.float32(t0), np.float32(t1)
     step = (t1 - t0) / np.float32(max(num - 1, 1))
     i = np.arange(num, dtype=np.float32)
-    return np.where(i < num // 2, t0 + step * i, t1 - step * (np.float32(num - 1) - i)).astype(np.float32)
+    grid = np.where(i < num // 2, t0 + step * i, t1 - step * (np.float32(num - 1) - i))
+    return grid.astype(np.float32)
 
 
 def _like(t, x: Array) -> Array:
@@ -95,17 +96,19 @@ class Interpolant:
             train, sample = 1e-3, 1e-3
         else:
             if any(e not in (None, 0) for e in (self.train_eps, self.sample_eps)):
-                raise ValueError("Velocity prediction on the Linear and GVP paths uses all of [0, 1]; "
-                                 "the reference replaces train_eps/sample_eps by 0 there, so leave "
-                                 "them unset.")
+                raise ValueError("Velocity prediction on the Linear and GVP paths uses all of "
+                                 "[0, 1]; the reference replaces train_eps/sample_eps by 0 there, "
+                                 "so leave them unset.")
             train, sample = 0.0, 0.0
-        object.__setattr__(self, "train_eps", float(train if self.train_eps is None else self.train_eps))
-        object.__setattr__(self, "sample_eps",
-                           float(sample if self.sample_eps is None else self.sample_eps))
+        train = train if self.train_eps is None else self.train_eps
+        sample = sample if self.sample_eps is None else self.sample_eps
+        object.__setattr__(self, "train_eps", float(train))
+        object.__setattr__(self, "sample_eps", float(sample))
 
     # -- the path --------------------------------------------------------------------------
     def _vp_log_mean(self, t):
-        return -0.25 * (1 - t) ** 2 * (self.beta_max - self.beta_min) - 0.5 * (1 - t) * self.beta_min
+        width = self.beta_max - self.beta_min
+        return -0.25 * (1 - t) ** 2 * width - 0.5 * (1 - t) * self.beta_min
 
     def _vp_d_log_mean(self, t):
         return 0.5 * (1 - t) * (self.beta_max - self.beta_min) + 0.5 * self.beta_min
@@ -245,7 +248,8 @@ class Interpolant:
         ('likelihood'), g the SBDM diffusion."""
         if t is None or noise is None:
             if key is None:
-                raise ValueError("training_losses needs a PRNG `key` unless both t and noise are given.")
+                raise ValueError("training_losses needs a PRNG `key` unless t and noise are "
+                                 "both given.")
             key_t, key_n = jax.random.split(key)
             t = self.sample_t(key_t, x1.shape[0]) if t is None else t
             noise = jax.random.normal(key_n, x1.shape, x1.dtype) if noise is None else noise
@@ -293,9 +297,9 @@ class Interpolant:
                 value = np.asarray(fn(one, one, jnp.full((1,), tv, jnp.float32)))
                 if not np.all(np.isfinite(value)):
                     raise ValueError(
-                        f"{what} on the {self.path} path with {self.prediction} prediction evaluates "
-                        f"a non-finite coefficient at t = {float(tv):g} (the reference returns NaN "
-                        "or inf there). Move the interval off the singular end: e.g. "
+                        f"{what} on the {self.path} path with {self.prediction} prediction "
+                        f"evaluates a non-finite coefficient at t = {float(tv):g} (the reference "
+                        "returns NaN or inf there). Move the interval off the singular end: e.g. "
                         "diffusion_form='sigma' instead of 'SBDM' at t = 0, a last step for the "
                         "Heun SDE, or a nonzero sample_eps.")
 
@@ -323,7 +327,8 @@ class Interpolant:
         if method not in ODE_METHODS:
             raise ValueError(f"Unknown ODE method {method!r}; choose one of {ODE_METHODS}.")
         if num_steps < 2:
-            raise ValueError(f"num_steps counts grid points including both ends; need >= 2, got {num_steps}.")
+            raise ValueError("num_steps counts grid points including both ends; need >= 2, "
+                             f"got {num_steps}.")
         g = self.ode_grid(num_steps, reverse)
         self._check_finite(f"The {method} ODE", g if method != "euler" else g[:-1],
                            lambda o, y, t: self.velocity_from_output(o, y, t))
@@ -367,7 +372,8 @@ class Interpolant:
         if last_step not in LAST_STEPS:
             raise ValueError(f"Unknown last_step {last_step!r}; choose one of {LAST_STEPS}.")
         if num_steps < 2:
-            raise ValueError(f"num_steps counts grid points including both ends; need >= 2, got {num_steps}.")
+            raise ValueError("num_steps counts grid points including both ends; need >= 2, "
+                             f"got {num_steps}.")
         self.diffusion(0.5, diffusion_form)  # validates the form
         if last_step is None:
             last_step_size = 0.0
