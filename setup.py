@@ -22,6 +22,7 @@ setup(
         "absl-py",
         "numpy",
         "scipy",  # FID (matrix square root)
+        "diffrax",  # SiT's adaptive dopri5 ODE sampler
         "ml_dtypes",
         "array_record",
         "grain",
