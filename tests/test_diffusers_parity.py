@@ -118,3 +118,30 @@ def test_solvers_take_the_schedule_not_a_respaced_one():
         solvers.dpm_solver_schedule(8, order=4)
     with pytest.raises(ValueError, match="spacing"):
         solvers.ddim_schedule(8, spacing="karras")
+
+
+# ----------------------------------------------------------------------------------------
+# The forward
+# ----------------------------------------------------------------------------------------
+
+def forward(model, params, data):
+    x, t, y = (data[f"diffusers_forward/{k}"] for k in "xty")
+    out = model.apply(params, nhwc(x), jnp.asarray(t, jnp.int32), jnp.asarray(y, jnp.int32))
+    return np.moveaxis(np.asarray(out), -1, -3)
+
+
+def test_official_forward(ref):
+    data, _, model, params, _ = ref
+    assert_close(forward(model, params, data), data["official_forward/out"], "official forward")
+
+
+def test_diffusers_forward_option(ref):
+    data, _, model, params, _ = ref
+    flavored = model.clone(**models.DIFFUSERS_FORWARD)
+    assert_close(forward(flavored, params, data), data["diffusers_forward/out"], "diffusers forward")
+    # each of the two differences matters on its own (the timestep formula by far the most)
+    for field in models.DIFFUSERS_FORWARD:
+        half = model.clone(**{field: models.DIFFUSERS_FORWARD[field]})
+        err = np.abs(forward(half, params, data) - data["diffusers_forward/out"]).max()
+        assert err > 5e-7, field
+
