@@ -23,6 +23,7 @@ setup(
         "numpy",
         "scipy",  # FID (matrix square root)
         "ml_dtypes",
+        "safetensors",  # diffusers DiT folders (dit_jax/diffusers_format.py)
         "array_record",
         "grain",
         "pillow",
