@@ -68,6 +68,7 @@ SCHEDULER_CONFIGS = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FILE_ENDINGS = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")  # files, not Hub ids
 
 
 # ----------------------------------------------------------------------------------------
@@ -240,7 +241,8 @@ def is_diffusers_source(path: str) -> bool:
     if os.path.isdir(path):
         return any(os.path.isfile(os.path.join(path, *p)) for p in
                    [(CONFIG_FILE,), (PIPELINE_FILE,), ("transformer", CONFIG_FILE)])
-    return not os.path.exists(path) and bool(_HUB_ID.match(path)) and not path.startswith((".", "~"))
+    return (not os.path.exists(path) and bool(_HUB_ID.match(path)) and not path.startswith((".", "~"))
+            and not path.lower().endswith(_FILE_ENDINGS))
 
 
 def _download(repo_id: str, revision: Optional[str]) -> str:

@@ -19,7 +19,7 @@ import pytest
 from conftest import reference_path
 import safetensors.numpy
 
-from dit_jax import checkpoints, diffusers_format, diffusion, models, solvers
+from dit_jax import checkpoints, convert, diffusers_format, diffusion, models, solvers
 
 TOL = 1e-4
 
@@ -234,3 +234,26 @@ def test_diffusers_folder_errors(ref, tmp_path):
         diffusers_format.write_diffusers_dit(str(tmp_path / "taken"), params["params"], model)
     with pytest.raises(checkpoints.CheckpointError, match="no such folder"):
         diffusers_format.read_diffusers_dit(str(tmp_path / "nope"))
+
+
+def test_convert_both_ways(ref, tmp_path):
+    """The convert tool: the fixture's official state dict -> a diffusers folder equal to the one
+    diffusers wrote; that folder -> a diffusers folder again, unchanged."""
+    _, meta, _, _, folder = ref
+    npz = reference_path("DIFFUSERS_REFERENCE", "diffusers_tiny").with_suffix(".npz")
+    heads = meta["model"]["num_heads"]
+    config = convert.convert(str(npz), str(tmp_path / "a"), num_heads=heads, prefix="state_dict/",
+                             output_format="diffusers", diffusers_forward=True)
+    assert config["num_classes"] == meta["model"]["num_classes"]
+    config = convert.convert(str(tmp_path / "a"), str(tmp_path / "b"), output_format="diffusers",
+                             diffusers_forward=True)
+    assert config["mlp_norm_eps"] == 1e-5 and config["timestep_freq_shift"] == 1
+    theirs = safetensors.numpy.load_file(str(folder / diffusers_format.WEIGHTS_FILE))
+    for out in ("a", "b"):
+        ours = safetensors.numpy.load_file(str(tmp_path / out / diffusers_format.WEIGHTS_FILE))
+        assert sorted(ours) == sorted(theirs)
+        for k, v in theirs.items():
+            np.testing.assert_array_equal(ours[k], v, err_msg=k)
+        assert json.loads((tmp_path / out / "config.json").read_text()) == meta["diffusers_config"]
+    with pytest.raises(checkpoints.CheckpointError, match="not DiT-XL/2"):
+        convert.convert(str(folder), str(tmp_path / "c"), "XL/2", output_format="diffusers")
