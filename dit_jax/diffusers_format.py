@@ -252,11 +252,16 @@ def _download(repo_id: str, revision: Optional[str]) -> str:
         raise CheckpointError(
             f"{repo_id!r} is not a local folder, and huggingface_hub is not installed to download "
             "it (pip install huggingface_hub); or pass a local diffusers folder.") from None
-    names = [CONFIG_FILE, WEIGHTS_FILE, LEGACY_WEIGHTS_FILE]
     try:
-        return huggingface_hub.snapshot_download(
-            repo_id, revision=revision, allow_patterns=[PIPELINE_FILE] + names
-            + [f"transformer/{n}" for n in names])
+        root = None
+        for weights in (WEIGHTS_FILE, LEGACY_WEIGHTS_FILE):  # the .bin only without .safetensors
+            names = [CONFIG_FILE, weights]
+            root = huggingface_hub.snapshot_download(
+                repo_id, revision=revision,
+                allow_patterns=[PIPELINE_FILE] + names + [f"transformer/{n}" for n in names])
+            if any(os.path.isfile(os.path.join(root, *p, weights)) for p in [(), ("transformer",)]):
+                break
+        return root
     except Exception as e:  # offline, unknown repository, gated, network errors, ...
         raise CheckpointError(f"{repo_id!r} could not be downloaded from the Hugging Face Hub "
                               f"({type(e).__name__}: {e}); pass a local diffusers folder.") from None
