@@ -149,7 +149,8 @@ def dpm_solver_schedule(num_steps: int, *, order: int = 2, spacing: str = "linsp
     ac = alphas_cumprod_of(schedule)
     ts = dpm_timesteps(num_steps, spacing, len(ac), steps_offset)
     if ts.min() < 0 or ts.max() >= len(ac):
-        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {len(ac) - 1}]; lower steps_offset.")
+        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {len(ac) - 1}]; "
+                         "lower steps_offset.")
     # diffusers keeps alphas_cumprod and sigmas in float32
     sig_train = np.sqrt((1 - ac.astype(np.float32)) / ac.astype(np.float32))
     sig = np.append(sig_train[ts], 0.0).astype(np.float32).astype(np.float64)
@@ -166,8 +167,8 @@ def dpm_solver_schedule(num_steps: int, *, order: int = 2, spacing: str = "linsp
                              coeffs=np.stack(coeffs), alpha_t=alpha, sigma_t=sig[:-1] * alpha)
 
 
-def dpm_solver_sample_loop(model_fn: ModelFn, noise: Array, num_steps: int = 20, *, order: int = 2,
-                           spacing: str = "linspace", schedule: Schedule = None,
+def dpm_solver_sample_loop(model_fn: ModelFn, noise: Array, num_steps: int = 20, *,
+                           order: int = 2, spacing: str = "linspace", schedule: Schedule = None,
                            lower_order_final: bool = True, steps_offset: int = 0,
                            return_trajectory: bool = False):
     """DPM-Solver++ from x_T = `noise` (init sigma 1, as diffusers) in `num_steps` model calls.
@@ -178,7 +179,8 @@ def dpm_solver_sample_loop(model_fn: ModelFn, noise: Array, num_steps: int = 20,
                               lower_order_final=lower_order_final, steps_offset=steps_offset)
     n, c = noise.shape[0], noise.shape[-1]
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    xs = (jnp.asarray(sch.timesteps, jnp.int32), f32(sch.alpha_t), f32(sch.sigma_t), f32(sch.coeffs))
+    xs = (jnp.asarray(sch.timesteps, jnp.int32), f32(sch.alpha_t), f32(sch.sigma_t),
+          f32(sch.coeffs))
 
     def body(carry, inputs):
         x, d1, d2 = carry
@@ -214,7 +216,8 @@ def ddim_schedule(num_steps: int, *, spacing: str = "leading", schedule: Schedul
     num_train = len(ac)
     ts = ddim_timesteps(num_steps, spacing, num_train, steps_offset)
     if ts.min() < 0 or ts.max() >= num_train:
-        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {num_train - 1}]; lower steps_offset.")
+        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {num_train - 1}]; "
+                         "lower steps_offset.")
     ac32 = ac.astype(np.float32).astype(np.float64)
     final = 1.0 if set_alpha_to_one else ac32[0]
     prev = ts - num_train // num_steps
@@ -224,8 +227,8 @@ def ddim_schedule(num_steps: int, *, spacing: str = "leading", schedule: Schedul
 
 def ddim_sample_loop(model_fn: ModelFn, noise: Array, num_steps: int = 50, *, eta: float = 0.0,
                      key: Optional[Array] = None, spacing: str = "leading",
-                     schedule: Schedule = None, set_alpha_to_one: bool = True, steps_offset: int = 0,
-                     return_trajectory: bool = False):
+                     schedule: Schedule = None, set_alpha_to_one: bool = True,
+                     steps_offset: int = 0, return_trajectory: bool = False):
     """diffusers' DDIMScheduler loop from x = `noise` at the first timestep (e.g. 875 for 8
     leading steps: the noise is used as x_t there). eta > 0 needs a PRNG `key`; the noise of
     step i is drawn from fold_in(key, i). Returns latents, or (latents, trajectory)."""
@@ -238,7 +241,8 @@ def ddim_sample_loop(model_fn: ModelFn, noise: Array, num_steps: int = 50, *, et
     n, c = noise.shape[0], noise.shape[-1]
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     xs = (jnp.arange(len(ab)), jnp.asarray(sch.timesteps, jnp.int32), f32(np.sqrt(ab)),
-          f32(np.sqrt(1 - ab)), f32(np.sqrt(ab_prev)), f32(np.sqrt(1 - ab_prev - std ** 2)), f32(std))
+          f32(np.sqrt(1 - ab)), f32(np.sqrt(ab_prev)), f32(np.sqrt(1 - ab_prev - std ** 2)),
+          f32(std))
 
     def body(x, inputs):
         i, t, sa, s1a, sa_prev, dir_coef, sd = inputs
