@@ -44,6 +44,11 @@ MODEL_NAMES = tuple(f"DiT-{s}/{p}" for s in MODEL_SIZES for p in PATCH_SIZES)
 
 BLOCK_TYPES = ("adaln_zero", "adaln", "cross_attn", "in_context")
 
+#: DiT fields that make the forward diffusers' DiTTransformer2DModel's (same weights): its
+#: timestep frequencies are 10000 ** (-i / 127) instead of 10000 ** (-i / 128), and its
+#: pre-MLP LayerNorm (norm3 there) has eps 1e-5 (its config's norm_eps) instead of 1e-6.
+DIFFUSERS_FORWARD = dict(timestep_freq_shift=1, mlp_norm_eps=1e-5)
+
 _NAME_RE = re.compile(r"^(?:DiT[-_])?(S|B|L|XL)[/_-]?(\d+)$", re.IGNORECASE)
 
 
@@ -112,10 +117,15 @@ def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
     return np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
 
 
-def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
-    """[N] (possibly fractional) timesteps -> [N, dim] float32: cos of the frequencies, then sin."""
+def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0,
+                       freq_shift: int = 0) -> Array:
+    """[N] (possibly fractional) timesteps -> [N, dim] float32: cos of the frequencies, then sin.
+
+    Frequency i is max_period ** (-i / (dim // 2 - freq_shift)): the official DiT has
+    freq_shift 0, diffusers' DiT (Timesteps(downscale_freq_shift=1)) has 1."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+    freqs = jnp.exp(exponent / (half - freq_shift))
     args = t.astype(jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
@@ -141,9 +151,9 @@ def dense(features: int, names: tuple, *, kernel_init=xavier, dtype=jnp.float32,
         bias_init=nn.with_logical_partitioning(zeros, (names[1],)))
 
 
-def layer_norm(affine: bool, dtype, name=None) -> nn.LayerNorm:
+def layer_norm(affine: bool, dtype, name=None, eps: float = 1e-6) -> nn.LayerNorm:
     """LayerNorm over the last axis, eps 1e-6 (no affine parameters inside adaLN blocks)."""
-    return nn.LayerNorm(epsilon=1e-6, use_bias=affine, use_scale=affine, dtype=dtype,
+    return nn.LayerNorm(epsilon=eps, use_bias=affine, use_scale=affine, dtype=dtype,
                         param_dtype=jnp.float32, name=name)
 
 
@@ -206,10 +216,12 @@ class TimestepEmbedder(nn.Module):
     hidden_size: int
     frequency_embedding_size: int = 256
     dtype: Any = jnp.float32
+    freq_shift: int = 0
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
-        emb = timestep_embedding(t, self.frequency_embedding_size).astype(self.dtype)
+        emb = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
+        emb = emb.astype(self.dtype)
         emb = dense(self.hidden_size, (None, "embed"), kernel_init=normal002, dtype=self.dtype,
                     name="mlp_0")(emb)
         emb = nn.silu(emb)
@@ -255,6 +267,7 @@ class DiTBlock(nn.Module):
     block_type: str = "adaln_zero"
     dtype: Any = jnp.float32
     attention: Optional[str] = None
+    mlp_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: Array, c: Array, cond: Optional[Array] = None) -> Array:
@@ -267,7 +280,8 @@ class DiTBlock(nn.Module):
             mod = dense(chunks * d, ("embed", "mlp"), kernel_init=zeros if zero else xavier,
                         dtype=self.dtype, name="adaLN_modulation")(nn.silu(c))
             mod = jnp.split(mod, chunks, axis=-1)
-            norm1, norm2 = layer_norm(False, self.dtype, "norm1"), layer_norm(False, self.dtype, "norm2")
+            norm1 = layer_norm(False, self.dtype, "norm1")
+            norm2 = layer_norm(False, self.dtype, "norm2", self.mlp_norm_eps)
             if zero:
                 shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
                 x = x + gate_msa[:, None] * attn(modulate(norm1(x), shift_msa, scale_msa))
@@ -281,7 +295,7 @@ class DiTBlock(nn.Module):
         if self.block_type == "cross_attn":
             cross = Attention(d, self.num_heads, self.dtype, self.attention, name="cross_attn")
             x = x + cross(layer_norm(True, self.dtype, "norm_cross")(x), cond)
-        return x + mlp(layer_norm(True, self.dtype, "norm2")(x))
+        return x + mlp(layer_norm(True, self.dtype, "norm2", self.mlp_norm_eps)(x))
 
 
 class FinalLayer(nn.Module):
@@ -335,6 +349,10 @@ class DiT(nn.Module):
     dtype: Any = jnp.float32  # activation / matmul dtype; parameters are always float32
     attention: Optional[str] = None  # None: cuDNN flash on GPU, XLA elsewhere
     remat: bool = False  # rematerialise each block in the backward pass
+    # The forward's two numerical conventions; the defaults are the official DiT's, and
+    # DIFFUSERS_FORWARD (shift 1, eps 1e-5) reproduces diffusers' DiTTransformer2DModel.
+    timestep_freq_shift: int = 0  # timestep frequencies max_period ** (-i / (128 - shift))
+    mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before each block's MLP
 
     @property
     def out_channels(self) -> int:
@@ -399,7 +417,8 @@ class DiT(nn.Module):
             (1, grid * grid, d))
         tokens = tokens + jax.lax.stop_gradient(pos_embed).astype(self.dtype)
 
-        t_emb = TimestepEmbedder(d, dtype=self.dtype, name="t_embedder")(t)
+        t_emb = TimestepEmbedder(d, dtype=self.dtype, freq_shift=self.timestep_freq_shift,
+                                 name="t_embedder")(t)
         y_emb = LabelEmbedder(self.num_classes, d, self.class_dropout_prob, name="y_embedder")(
             y, train, force_drop_ids).astype(self.dtype)
         c = t_emb + y_emb
@@ -409,8 +428,9 @@ class DiT(nn.Module):
             tokens = jnp.concatenate([cond, tokens], axis=1)
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
-            tokens = block_cls(d, self.num_heads, self.mlp_ratio, self.block_type, self.dtype,
-                               self.attention, name=f"blocks_{i}")(tokens, c, cond)
+            block = block_cls(d, self.num_heads, self.mlp_ratio, self.block_type, self.dtype,
+                              self.attention, self.mlp_norm_eps, name=f"blocks_{i}")
+            tokens = block(tokens, c, cond)
         if self.block_type == "in_context":
             tokens = tokens[:, 2:]
 
