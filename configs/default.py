@@ -68,10 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample.every_steps = 20_000       # EMA sample grid (0: off)
     c.sample.num_per_class = 1
     c.sample.classes = (207, 360, 387, 974, 88, 979, 417, 279)
-    c.sample.sampler = "ddim"
-    c.sample.steps = 50
+    c.sample.sampler = "ddim"           # ddpm | ddim | dpm++2m | dpm++3m
+    c.sample.steps = 50                 # model evaluations per sample
     c.sample.cfg_scale = 4.0
     c.sample.guidance = "official"      # "official": first 3 channels; "all"
+    c.sample.guidance_interval = ()     # (lo, hi): guide only at timesteps lo..hi; (): always
     c.sample.clip_denoised = False      # clip x0 predictions to [-1, 1]: for pixel-space data only
     c.sample.autoencoder = "stabilityai/sd-vae-ft-ema"  # decodes the grid ("" to keep latents only)
 
@@ -85,5 +86,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.steps = 50
     c.eval.cfg_scale = 1.5
     c.eval.guidance = "official"
+    c.eval.guidance_interval = ()
     c.eval.per_device_batch = 32
     return c

@@ -381,17 +381,28 @@ def _create_diffusion(timestep_respacing, noise_schedule, diffusion_steps, learn
 
 
 def cfg_model_fn(apply_fn: Callable[..., Array], labels: Array, null_label: int, cfg_scale: float,
-                 guidance_channels: Optional[int] = 3) -> ModelFn:
+                 guidance_channels: Optional[int] = 3,
+                 guidance_interval: Optional[tuple[float, float]] = None) -> ModelFn:
     """A guided model function over B samples: runs `apply_fn(x2, t2, y2)` once on the doubled
     batch (conditional labels, then null labels) and mixes the halves with
     `models.classifier_free_guidance` (guidance_channels=3: the official sampler's first three
     channels; None: every epsilon channel). Variance channels come from the conditional half.
+
+    guidance_interval=(lo, hi) guides only where lo <= t <= hi, t being the model's timestep
+    input (DDPM: training timesteps 0..T-1, high is noisy); elsewhere the conditional output is
+    used as it is (Kynkaanniemi et al. 2024: guidance at the noisiest and the cleanest levels
+    hurts or does nothing).
     """
     y2 = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
 
     def fn(x, t):
         out = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y2)
         guided = models.classifier_free_guidance(out, cfg_scale, x.shape[-1], guidance_channels)
-        return guided[: x.shape[0]]
+        guided = guided[: x.shape[0]]
+        if guidance_interval is None:
+            return guided
+        lo, hi = guidance_interval
+        inside = ((t >= lo) & (t <= hi)).reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(inside, guided, out[: x.shape[0]])
 
     return fn

@@ -44,13 +44,17 @@ _VAE = flags.DEFINE_string("vae", "stabilityai/sd-vae-ft-ema", "Autoencoder: a d
 _LABELS = flags.DEFINE_list("labels", ["207", "360", "387", "974", "88", "979", "417", "279"],
                             "Grid class labels.")
 _SAMPLER = flags.DEFINE_enum("sampler", "ddpm", list(sampling.SAMPLERS), "Sampler.")
-_STEPS = flags.DEFINE_integer("steps", 250, "Number of sampling steps (respaced from 1000).")
+_STEPS = flags.DEFINE_integer("steps", 250, "Model evaluations per sample (DDPM/DDIM: respaced "
+                              "from the training steps).")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta.")
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (1 = off); "
                                 "default 4 for grids, 1.5 for --num_samples.")
 _GUIDANCE = flags.DEFINE_enum("guidance", None, list(sampling.GUIDANCE),
                               "'official': guide the first 3 channels (reference DiT); 'all': every "
                               "channel. Default: the run's configured guidance, else official.")
+_GUIDANCE_INTERVAL = flags.DEFINE_list(
+    "guidance_interval", None, "lo,hi: guide only at training timesteps lo..hi (high is noisy); "
+    "default: the run's configured interval, else every step.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _OUTPUT = flags.DEFINE_string("output", "samples.png", "Grid: .png (decoded) or .npz (latents + "
                               "labels). With --num_samples: the ADM .npz.")
@@ -73,6 +77,15 @@ def main(argv):
             num_classes=_NUM_CLASSES.value, vae=_VAE.value, input_size=_INPUT_SIZE.value,
             in_channels=_IN_CHANNELS.value, seed=_SEED.value)
     guidance = sampling.guidance_channels(_GUIDANCE.value or g.guidance)
+    interval = g.guidance_interval
+    if _GUIDANCE_INTERVAL.value is not None:
+        try:
+            interval = tuple(float(v) for v in _GUIDANCE_INTERVAL.value) or None
+        except ValueError:
+            interval = ()
+        if interval is not None and len(interval) != 2:
+            raise ValueError(f"--guidance_interval must be lo,hi, got "
+                             f"{','.join(_GUIDANCE_INTERVAL.value)}.")
     name = f"{_SAMPLER.value}-{_STEPS.value}"
     if _NUM_SAMPLES.value:
         if _NUM_SAMPLES.value < 0 or _PER_DEVICE_BATCH.value <= 0:
@@ -84,7 +97,7 @@ def main(argv):
         path = sampling.sample_eval_set(
             g, _OUTPUT.value, _NUM_SAMPLES.value, per_device_batch=_PER_DEVICE_BATCH.value,
             sampler=_SAMPLER.value, steps=_STEPS.value, cfg_scale=cfg, guidance=guidance,
-            eta=_ETA.value, seed=_SEED.value, png_dir=_PNG_DIR.value)
+            guidance_interval=interval, eta=_ETA.value, seed=_SEED.value, png_dir=_PNG_DIR.value)
         if path:
             print(f"{_NUM_SAMPLES.value} samples ({name}, cfg {cfg:g}) in "
                   f"{time.perf_counter() - start:.1f}s -> {path}")
@@ -103,7 +116,7 @@ def main(argv):
     latents = sampling.sample_latents(
         g.model, g.params, jnp.asarray(labels), jax.random.key(_SEED.value), sampler=_SAMPLER.value,
         steps=_STEPS.value, cfg_scale=cfg, eta=_ETA.value, guidance_channels=guidance,
-        clip_denoised=g.pixel_space, **g.schedule)
+        guidance_interval=interval, clip_denoised=g.pixel_space, **g.schedule)
     latents = np.asarray(latents)
     took = time.perf_counter() - start
     if _OUTPUT.value.endswith(".npz"):

@@ -25,9 +25,11 @@ from tqdm import tqdm
 from dit_jax import autoencoder as autoencoder_lib
 from dit_jax import diffusion as diffusion_lib
 from dit_jax import checkpoints as weights  # parameter checkpoints
-from dit_jax import files, models, workdir as workdir_lib
+from dit_jax import files, models, solvers, workdir as workdir_lib
 
-SAMPLERS = ("ddpm", "ddim")
+#: ddpm / ddim: the official samplers on the respaced schedule; dpm++2m / dpm++3m: DPM-Solver++
+#: (multistep, order 2 / 3) with diffusers' linspace spacing (dit_jax.solvers).
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m")
 GUIDANCE = ("official", "all")
 
 
@@ -43,42 +45,52 @@ def sample_latents(model: models.DiT, params, labels: jax.Array, key: jax.Array,
                    sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 4.0,
                    guidance_channels: Optional[int] = 3, eta: float = 0.0,
                    clip_denoised: bool = False, noise: Optional[jax.Array] = None,
-                   noise_schedule: str = "linear", diffusion_steps: int = 1000) -> jax.Array:
+                   noise_schedule: str = "linear", diffusion_steps: int = 1000,
+                   guidance_interval: Optional[tuple[float, float]] = None) -> jax.Array:
     """Samples one latent per label: [N, H, W, C]. cfg_scale <= 1 disables guidance.
     clip_denoised clips each x0 prediction to [-1, 1]: right for pixel space, not for VAE latents.
     `noise` ([N, H, W, C]) is the starting x_T (default: drawn from `key`). The batch follows the
     sharding of `labels`/`noise`: pass them split over devices to sample data-parallel.
-    noise_schedule/diffusion_steps must be those the model was trained with."""
+    noise_schedule/diffusion_steps must be those the model was trained with. `steps` is the
+    number of model evaluations per sample (twice that many forwards with guidance).
+    guidance_interval=(lo, hi): guide only at training timesteps lo <= t <= hi (None: all)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    # DPM-Solver++ picks its own timesteps on the full schedule; the others respace it.
     diffusion = diffusion_lib.create_diffusion(
-        str(steps), learn_sigma=model.learn_sigma, noise_schedule=noise_schedule,
-        diffusion_steps=diffusion_steps)
+        "" if sampler.startswith("dpm") else str(steps), learn_sigma=model.learn_sigma,
+        noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
     noise_key, loop_key = jax.random.split(key)
     if noise is None:
         shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
         noise = jax.random.normal(noise_key, shape, jnp.float32)
-    return _sample(model, diffusion, sampler, float(cfg_scale), guidance_channels, float(eta),
-                   bool(clip_denoised), params, labels, noise, loop_key)
+    interval = None if guidance_interval is None else tuple(float(v) for v in guidance_interval)
+    return _sample(model, diffusion, sampler, int(steps), float(cfg_scale), guidance_channels,
+                   interval, float(eta), bool(clip_denoised), params, labels, noise, loop_key)
 
 
 def model_fn(model: models.DiT, params, labels: jax.Array, cfg_scale: float,
-             guidance_channels: Optional[int]):
+             guidance_channels: Optional[int], guidance_interval=None):
     """(x, t) -> model output for fixed labels, guided in one batched forward when cfg_scale > 1."""
     apply = lambda x, t, y: model.apply({"params": params}, x, t, y)
     if cfg_scale > 1.0:
         return diffusion_lib.cfg_model_fn(apply, labels, model.num_classes, cfg_scale,
-                                          guidance_channels)
+                                          guidance_channels, guidance_interval)
     return lambda x, t: apply(x, t, labels)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _sample(model, diffusion, sampler, cfg_scale, guidance_channels, eta, clip_denoised, params,
-            labels, z, key):
-    fn = model_fn(model, params, labels, cfg_scale, guidance_channels)
+@functools.partial(jax.jit, static_argnums=tuple(range(9)))
+def _sample(model, diffusion, sampler, steps, cfg_scale, guidance_channels, guidance_interval, eta,
+            clip_denoised, params, labels, z, key):
+    fn = model_fn(model, params, labels, cfg_scale, guidance_channels, guidance_interval)
     if sampler == "ddpm":
         return diffusion.p_sample_loop(fn, z, key=key, clip_denoised=clip_denoised)
-    return diffusion.ddim_sample_loop(fn, z, eta=eta, key=key, clip_denoised=clip_denoised)
+    if sampler == "ddim":
+        return diffusion.ddim_sample_loop(fn, z, eta=eta, key=key, clip_denoised=clip_denoised)
+    order = {"dpm++2m": 2, "dpm++3m": 3}[sampler]
+    return solvers.dpm_solver_sample_loop(fn, z, steps, order=order, schedule=diffusion)
 
 
 def invert_latents(model: models.DiT, params, latents: jax.Array, labels: jax.Array, *,
@@ -159,6 +171,7 @@ class Generator:
     diffusion_steps: int = 1000
     guidance: str = "official"       # the run's configured guidance (official or all)
     step: Optional[int] = None       # the training step of a run's checkpoint
+    guidance_interval: Optional[tuple] = None  # the run's configured interval (None: always)
 
     @property
     def schedule(self) -> dict:
@@ -190,7 +203,8 @@ def generator_from_workdir(workdir: str, step: Optional[int] = None) -> Generato
     return Generator(model, ema, meta["autoencoder"], float(meta["scaling_factor"]),
                      int(meta["image_size"]), f"{workdir} step {step}",
                      config.diffusion.noise_schedule, int(config.diffusion.steps),
-                     config.sample.get("guidance", "official"), step)
+                     config.sample.get("guidance", "official"), step,
+                     tuple(config.sample.get("guidance_interval", ())) or None)
 
 
 def generator_from_checkpoint(checkpoint: Optional[str], *, model_name: str, image_size: int,
@@ -255,13 +269,15 @@ def sample_chunk(model: models.DiT, params, chunk: int, seed: int, size: int, ba
 
 def sample_eval_set(g: Generator, output: str, num_samples: int, *, per_device_batch: int = 32,
                     sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 1.5,
-                    guidance: Optional[int] = 3, eta: float = 0.0, seed: int = 0,
+                    guidance: Optional[int] = 3, guidance_interval=None, eta: float = 0.0,
+                    seed: int = 0,
                     png_dir: Optional[str] = None, keep_parts: bool = False,
                     max_chunks: Optional[int] = None, progress: bool = True,
                     log=print) -> Optional[str]:
     """Samples `num_samples` images with uniform random labels into an ADM-format .npz
     (`arr_0` uint8 [N, H, W, 3] NHWC, grayscale repeated to RGB as the evaluator expects;
-    `arr_1` int labels). `guidance` is a number of guided channels (`guidance_channels`).
+    `arr_1` int labels). `guidance` is a number of guided channels (`guidance_channels`),
+    `guidance_interval` as in `sample_latents`.
 
     Work is split in chunks of per_device_batch x local devices; chunk c belongs to process
     c mod process_count and is a pure function of (seed, c), so the set does not depend on
@@ -275,6 +291,8 @@ def sample_eval_set(g: Generator, output: str, num_samples: int, *, per_device_b
     settings = dict(source=g.source, **g.schedule, num_samples=num_samples, chunk_size=chunk_size,
                     sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance=guidance, eta=eta,
                     seed=seed, processes=jax.process_count())
+    if guidance_interval:
+        settings["guidance_interval"] = [float(v) for v in guidance_interval]
     os.makedirs(parts, exist_ok=True)
     manifest = os.path.join(parts, "manifest.json")
     if jax.process_index() == 0:
@@ -303,7 +321,8 @@ def sample_eval_set(g: Generator, output: str, num_samples: int, *, per_device_b
     for c in todo:
         latents, labels = sample_chunk(g.model, params, c, seed, chunk_size, batch_sharding,
                                        sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                       guidance_channels=guidance, eta=eta,
+                                       guidance_channels=guidance,
+                                       guidance_interval=guidance_interval, eta=eta,
                                        clip_denoised=g.pixel_space, **g.schedule)
         images = images_to_uint8(decode(latents))
         rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images

@@ -64,6 +64,15 @@ def validate_config(config, meta: dict, num_devices: int) -> None:
         jnp.dtype(config.model.dtype)
     except TypeError:
         raise ValueError(f"config.model.dtype {config.model.dtype!r} is not a dtype (e.g. 'bfloat16', 'float32').") from None
+    for section in ("sample", "eval"):
+        c = config[section]
+        if c.sampler not in sampling.SAMPLERS:
+            raise ValueError(f"config.{section}.sampler must be one of {sampling.SAMPLERS}, "
+                             f"got {c.sampler!r}.")
+        sampling.guidance_channels(c.guidance)  # checks the name
+        if len(c.guidance_interval) not in (0, 2):
+            raise ValueError(f"config.{section}.guidance_interval must be () or (lo, hi), "
+                             f"got {tuple(c.guidance_interval)}.")
     if config.sample.every_steps:
         classes = list(config.sample.classes)
         if not classes or min(classes) < 0 or max(classes) >= meta["num_classes"]:
@@ -209,7 +218,8 @@ def write_sample_grid(model, ema_params, config, step: int, workdir: str, writer
         model, jax.device_get(ema_params), jnp.asarray(labels), jax.random.PRNGKey(config.seed + 1),
         sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
         guidance_channels=sampling.guidance_channels(s.guidance), clip_denoised=s.clip_denoised,
-        noise_schedule=config.diffusion.noise_schedule, diffusion_steps=config.diffusion.steps)
+        noise_schedule=config.diffusion.noise_schedule, diffusion_steps=config.diffusion.steps,
+        guidance_interval=tuple(s.guidance_interval) or None)
     ncol = s.num_per_class if s.num_per_class > 1 else len(labels)
     grid = sampling.make_grid(decode(latents), ncol=ncol)
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")

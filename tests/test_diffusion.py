@@ -180,3 +180,20 @@ def test_guidance_never_touches_the_variance_channels_of_a_one_channel_model():
         out = diffusion.cfg_model_fn(apply, labels, 5, 2.0, channels)(x, t)
         np.testing.assert_allclose(out[..., :1], (uncond + 2.0 * (cond - uncond))[..., :1])
         np.testing.assert_allclose(out[..., 1:], cond[..., 1:])
+
+
+def test_guidance_interval_guides_only_inside_it():
+    labels = jnp.array([1, 2, 3])
+
+    def apply(x, t, y):
+        return jnp.concatenate([x + y[:, None, None, None], x * 0 + t[:, None, None, None]], -1)
+
+    x = jnp.ones((3, 2, 2, 4))
+    t = jnp.array([100, 500, 900])
+    cond, uncond = apply(x, t, labels), apply(x, t, jnp.full((3,), 9))
+    guided = diffusion.cfg_model_fn(apply, labels, 9, 3.0, None)(x, t)
+    out = diffusion.cfg_model_fn(apply, labels, 9, 3.0, None, guidance_interval=(200, 600))(x, t)
+    np.testing.assert_allclose(out[1], guided[1])
+    np.testing.assert_allclose(out[0], cond[0])
+    np.testing.assert_allclose(out[2], cond[2])
+    assert not np.allclose(guided[0], cond[0])
