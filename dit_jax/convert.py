@@ -16,7 +16,7 @@ from typing import Optional
 
 from absl import app, flags
 
-from dit_jax import cli, checkpoints, models
+from dit_jax import cli, models, param_mapping, state_dicts, weights
 
 def define_flags():
     """Defines this tool's command-line flags (only when run as a program)."""
@@ -36,13 +36,13 @@ def convert(src: str, dst: str, model_name: Optional[str] = None, *, num_heads: 
             prefix: str = "", input_size: int = 0, num_classes: int = 0) -> dict:
     """Converts `src` for `model_name` (or a custom size read from the file with `num_heads`)
     and writes it to `dst`; returns the model config that was saved with it."""
-    sd = checkpoints.read_state_dict(src, which=which, prefix=prefix)
-    info = checkpoints.describe_state_dict(sd)
+    sd = state_dicts.read_state_dict(src, which=which, prefix=prefix)
+    info = param_mapping.describe_state_dict(sd)
     if model_name:
         model_kwargs = models.model_kwargs_from_name(model_name)
         name = models.canonical_name(model_name)
     elif info is None:
-        raise checkpoints.CheckpointError(f"{src}: not an official-layout DiT state dict; give --model to see "
+        raise state_dicts.CheckpointError(f"{src}: not an official-layout DiT state dict; give --model to see "
                                           "which keys are missing.")
     elif num_heads <= 0:
         raise ValueError("a custom-size model needs --num_heads (or give --model).")
@@ -59,8 +59,8 @@ def convert(src: str, dst: str, model_name: Optional[str] = None, *, num_heads: 
         num_classes=num_classes or info.get("num_classes_plus_null", 1001) - 1,
         class_dropout_prob=0.1, mlp_ratio=4.0, block_type="adaln_zero")
     model = models.model_from_config(config)
-    params = checkpoints.dit_params_from_state_dict(sd, model, source=src)
-    checkpoints.save_params(dst, params, config)
+    params = param_mapping.dit_params_from_state_dict(sd, model, source=src)
+    weights.save_params(dst, params, config)
     return config
 
 

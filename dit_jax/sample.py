@@ -33,7 +33,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax import cli, checkpoints, diffusion, files, models
+from dit_jax import cli, diffusion, files, models, weights
 
 
 def guidance_channels(guidance: str) -> Optional[int]:
@@ -154,7 +154,7 @@ def sampler_from_checkpoint(checkpoint: Optional[str], *, model_name: str, image
     """A converted dit_jax checkpoint (it knows its model) or an official .pt/.safetensors/.npz
     for `model_name`; latent side = image_size / the VAE's downsampling unless input_size is given.
     Without a checkpoint: random weights (a smoke run)."""
-    saved = checkpoints.saved_model_config(checkpoint) if checkpoint else None
+    saved = weights.saved_model_config(checkpoint) if checkpoint else None
     scaling, down = 0.18215, 8
     if vae.startswith("identity"):
         scaling, down = 1.0, 1
@@ -169,7 +169,7 @@ def sampler_from_checkpoint(checkpoint: Optional[str], *, model_name: str, image
                                     in_channels=in_channels)
     model.check_config()
     if checkpoint:
-        params = checkpoints.load_dit_params(checkpoint, model)
+        params = weights.load_dit_params(checkpoint, model)
     else:
         log("no checkpoint: random weights (smoke run)")
         params = models.init_params(model, jax.random.key(seed))

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dit_jax import checkpoints, diffusion as diffusion_lib, files, flops, models, sharding
+from dit_jax import checkpoints, diffusion as diffusion_lib, files, flops, models, sharding, weights
 from dit_jax.data import encode as encode_lib
 from dit_jax.data import latents as latents_lib
 from dit_jax.data import pipeline as pipeline_lib
@@ -296,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
     try:  # from here on, close the manager (and what else was opened) however this ends
         init_params = None
         if manager.latest_step() is None and config.model.init_checkpoint:
-            init_params = checkpoints.load_dit_params(config.model.init_checkpoint, model)
+            init_params = weights.load_dit_params(config.model.init_checkpoint, model)
         init = init_state_fn(model, tx, config.seed, init_params)
         abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
         state_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
