@@ -23,6 +23,7 @@ setup(
         "numpy",
         "scipy",  # FID (matrix square root)
         "ml_dtypes",
+        "safetensors",  # .safetensors state dicts (official DiT weights, VAEs)
         "array_record",
         "grain",
         "pillow",

@@ -8,7 +8,8 @@ tensors, ordered dicts and argparse namespaces; any other global in the pickle (
 builtins.eval, ...) is refused before it is called, with an error naming the file.
 TorchScript archives (`torch.jit.save`) are read the same way: their `__torch__.*` module
 classes become inert `TorchScriptObject` dicts of the module's attributes; the TorchScript
-code stored in the archive is never read.
+code stored in the archive is never read. `.safetensors` files are read and written with the
+`safetensors` package; a file it refuses is a CheckpointError saying what is wrong with it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import pickle
 import struct
 import zipfile
 import zlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 try:  # bfloat16 for numpy; ships with jax
     import ml_dtypes
@@ -266,76 +269,79 @@ def flatten_torchscript(module: Mapping, prefix: str = "") -> dict[str, np.ndarr
 # safetensors and npz
 # ----------------------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": _BF16, "I64": np.int64,
-    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+# Bytes per element of each safetensors dtype, to say what is wrong with a refused file.
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+    "C64": 8, "F64": 8, "I64": 8, "U64": 8,
 }
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Reads a .safetensors file, validating the header against the file's real size."""
+    """Reads a .safetensors file (bfloat16 as ml_dtypes.bfloat16) with the safetensors package.
+    A file it refuses is a CheckpointError naming the file and, where its header shows it,
+    what is wrong: sizes or offsets that do not fit the data, a truncated file, bad JSON."""
     path = os.fspath(path)
+    try:
+        return safetensors.numpy.load_file(path)
+    except safetensors.SafetensorError as e:
+        problem = _safetensors_problem(path) or f"not a usable safetensors file ({e})."
+        raise CheckpointError(f"{path}: {problem}") from None
+    except (AttributeError, TypeError) as e:  # float8/float4: the package looks them up on numpy
+        raise CheckpointError(f"{path}: holds a tensor type numpy cannot read ({e}).") from None
+
+
+def _safetensors_problem(path: str) -> Optional[str]:
+    """What the header of a refused safetensors file says is wrong with it, checked against the
+    file's size (the format stores the tensors back to back, covering the data exactly);
+    None when the header shows nothing wrong."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path}: too short to be a safetensors file.")
+            return "too short to be a safetensors file."
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size - 8} "
-                                  "after the length.")
+            return f"header claims {n} bytes but the file has {size - 8} after the length."
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(
-                f"{path}: the safetensors header is not valid JSON ({e}).") from None
-        data = f.read()
-    out, spans = {}, []
+            return f"the safetensors header is not valid JSON ({e})."
+    if not isinstance(header, dict):
+        return "the safetensors header is not a JSON object."
+    data_size, spans = size - 8 - n, []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
-            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+            itemsize = _SAFETENSORS_ITEMSIZE[info["dtype"]]
             shape = tuple(int(s) for s in info["shape"])
             start, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: tensor {key!r} has a malformed header entry {info!r}.") from None
-        want = int(np.prod(shape)) * dtype.itemsize
-        if not (0 <= start <= end <= len(data)) or end - start != want:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} claims bytes [{start}, {end}) for shape {shape} {dtype} "
-                f"({want} bytes) but the data section has {len(data)} bytes; the header lies or "
-                "the file is truncated.")
-        out[key] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape).copy()
+            return f"tensor {key!r} has a malformed header entry {info!r}."
+        want = int(np.prod(shape)) * itemsize
+        if not (0 <= start <= end <= data_size) or end - start != want:
+            return (f"tensor {key!r} claims bytes [{start}, {end}) for shape {shape} "
+                    f"{info['dtype']} ({want} bytes) but the data section has {data_size} bytes; "
+                    "the header lies or the file is truncated.")
         spans.append((start, end, key))
-    # The format stores the tensors back to back: overlapping or gapped offsets mean a bad header.
     spans.sort()
     for (_, prev_end, prev), (start, _, key) in zip([(0, 0, None)] + spans, spans):
         if start != prev_end:
             what = (f"overlaps tensor {prev!r}" if start < prev_end
                     else f"leaves a gap of {start - prev_end} bytes")
-            raise CheckpointError(f"{path}: tensor {key!r} starts at byte {start}, which {what}; "
-                                  "the header is corrupt.")
-    if spans and spans[-1][1] != len(data):
-        raise CheckpointError(f"{path}: the tensors end at byte {spans[-1][1]} but the data "
-                              f"section has {len(data)} bytes; the header is corrupt.")
-    return out
+            return f"tensor {key!r} starts at byte {start}, which {what}; the header is corrupt."
+    end = spans[-1][1] if spans else 0
+    if end != data_size:
+        return (f"the tensors end at byte {end} but the data section has {data_size} bytes; "
+                "the header is corrupt.")
+    return None
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
-    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items() if v is not None}
-    header, offset, blobs = {}, 0, []
-    for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key])
-        header[key] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
-                       "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        blobs.append(arr.tobytes())
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+    """Writes {name: array} as a .safetensors file (0-d arrays keep their shape)."""
+    safetensors.numpy.save_file({k: np.asarray(v, order="C") for k, v in tensors.items()},
+                                os.fspath(path))
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:

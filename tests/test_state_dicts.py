@@ -5,6 +5,7 @@ import os
 import pickle
 import zipfile
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -110,7 +111,9 @@ def test_safetensors_round_trip_and_lies(tmp_path):
         np.testing.assert_array_equal(back[k], v)
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = raw[8:8 + n].replace(b"[2, 3]", b"[4, 3]")  # claims more data than there is
+    # claims more data than there is
+    header = raw[8:8 + n].replace(b'"shape":[2,3]', b'"shape":[4,3]')
+    assert header != raw[8:8 + n]
     lying = tmp_path / "lying.safetensors"
     lying.write_bytes(n.to_bytes(8, "little") + header + raw[8 + n:])
     with pytest.raises(state_dicts.CheckpointError, match=r"lying.safetensors: tensor 'a' claims"):
@@ -119,3 +122,15 @@ def test_safetensors_round_trip_and_lies(tmp_path):
     huge.write_bytes((10 ** 9).to_bytes(8, "little") + b"{}")
     with pytest.raises(state_dicts.CheckpointError, match="header claims"):
         state_dicts.read_state_dict(huge)
+
+
+def test_safetensors_bfloat16_and_other_dtypes(tmp_path):
+    tensors = {"bf16": np.arange(5).astype(ml_dtypes.bfloat16), "i64": np.arange(3, dtype=np.int64),
+               "flag": np.array([True, False]), "scalar": np.float32(2.5).reshape(())}
+    path = tmp_path / "dtypes.safetensors"
+    state_dicts.write_safetensors(path, tensors)
+    back = state_dicts.read_state_dict(path)
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
