@@ -24,7 +24,7 @@ setup(
         "scipy",  # FID (matrix square root)
         "diffrax",  # SiT's adaptive dopri5 ODE sampler
         "ml_dtypes",
-        "safetensors",  # diffusers DiT folders (dit_jax/diffusers_format.py)
+        "safetensors",  # .safetensors state dicts (official DiT weights, VAEs, diffusers folders)
         "array_record",
         "grain",
         "pillow",

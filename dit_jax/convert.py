@@ -25,7 +25,7 @@ from typing import Optional
 
 from absl import app, flags
 
-from dit_jax import cli, checkpoints, diffusers_format, models
+from dit_jax import cli, diffusers_format, models, param_mapping, state_dicts, weights
 
 
 def define_flags():
@@ -61,7 +61,7 @@ def _diffusers_config(src: str, model_name: Optional[str], diffusers_forward: bo
              if tuple(models.model_kwargs_from_name(n)[k] for k in
                       ("depth", "hidden_size", "num_heads", "patch_size")) == size]
     if model_name and models.canonical_name(model_name) not in names:
-        raise checkpoints.CheckpointError(
+        raise state_dicts.CheckpointError(
             f"{src}: holds depth {size[0]}, width {size[1]}, {size[2]} heads, patch {size[3]}, "
             f"not {models.canonical_name(model_name)}; omit --model to take the folder's size.")
     return sd, dict(name=names[0] if names else "custom", **kwargs, block_type="adaln_zero")
@@ -83,13 +83,13 @@ def convert(src: str, dst: str, model_name: Optional[str] = None, *, num_heads: 
     if diffusers_format.is_diffusers_source(src):
         sd, config = _diffusers_config(src, model_name, diffusers_forward)
         return _write(src, dst, sd, config, output_format, vae, scheduler)
-    sd = checkpoints.read_state_dict(src, which=which, prefix=prefix)
-    info = checkpoints.describe_state_dict(sd)
+    sd = state_dicts.read_state_dict(src, which=which, prefix=prefix)
+    info = param_mapping.describe_state_dict(sd)
     if model_name:
         model_kwargs = models.model_kwargs_from_name(model_name)
         name = models.canonical_name(model_name)
     elif info is None:
-        raise checkpoints.CheckpointError(f"{src}: not an official-layout DiT state dict; give --model to see "
+        raise state_dicts.CheckpointError(f"{src}: not an official-layout DiT state dict; give --model to see "
                                           "which keys are missing.")
     elif num_heads <= 0:
         raise ValueError("a custom-size model needs --num_heads (or give --model).")
@@ -112,9 +112,9 @@ def convert(src: str, dst: str, model_name: Optional[str] = None, *, num_heads: 
 
 def _write(src, dst, sd, config, output_format, vae, scheduler) -> dict:
     model = models.model_from_config(config)
-    params = checkpoints.dit_params_from_state_dict(sd, model, source=src)
+    params = param_mapping.dit_params_from_state_dict(sd, model, source=src)
     if output_format == "orbax":
-        checkpoints.save_params(dst, params, config)
+        weights.save_params(dst, params, config)
     elif vae:
         diffusers_format.write_diffusers_pipeline(dst, params, model, vae, scheduler=scheduler)
     else:

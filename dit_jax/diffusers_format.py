@@ -17,7 +17,7 @@ the official ones under other names (diffusers' scripts/convert_dit_to_diffusers
   final_layer.linear               proj_out_2
   pos_embed                        not stored: diffusers rebuilds the same fixed sin-cos table
 
-Reading gives an official-layout state dict (so `checkpoints.dit_params_from_state_dict` makes
+Reading gives an official-layout state dict (so `param_mapping.dit_params_from_state_dict` makes
 the Flax parameters) and the DiT's constructor fields. diffusers runs these weights with two
 small formula differences (see `models.DIFFUSERS_FORWARD`); `diffusers_forward=True` adds the
 fields that reproduce its outputs exactly, the default keeps the official forward the weights
@@ -36,8 +36,8 @@ from typing import Mapping, Optional
 import numpy as np
 import safetensors.numpy
 
-from dit_jax import checkpoints, files, models
-from dit_jax.checkpoints import CheckpointError
+from dit_jax import files, models, param_mapping, state_dicts
+from dit_jax.state_dicts import CheckpointError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -294,7 +294,7 @@ def read_diffusers_dit(path_or_hub_id: str, *, diffusers_forward: bool = False,
         dsd = safetensors.numpy.load_file(weights)
     elif os.path.isfile(os.path.join(folder, LEGACY_WEIGHTS_FILE)):
         weights = os.path.join(folder, LEGACY_WEIGHTS_FILE)
-        dsd = checkpoints.read_state_dict(weights)
+        dsd = state_dicts.read_state_dict(weights)
     else:
         raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} (or {LEGACY_WEIGHTS_FILE}).")
     hidden = dsd["pos_embed.proj.weight"].shape[0] if "pos_embed.proj.weight" in dsd else 0
@@ -310,7 +310,7 @@ def load_diffusers_dit(path_or_hub_id: str, *, diffusers_forward: bool = False,
     sd, kwargs = read_diffusers_dit(path_or_hub_id, diffusers_forward=diffusers_forward,
                                     revision=revision)
     model = models.DiT(**kwargs)
-    return model, checkpoints.dit_params_from_state_dict(sd, model, source=os.fspath(path_or_hub_id))
+    return model, param_mapping.dit_params_from_state_dict(sd, model, source=os.fspath(path_or_hub_id))
 
 
 def _new_folder(folder: str) -> str:
@@ -329,7 +329,7 @@ def write_diffusers_dit(folder: str, params: Mapping, model: models.DiT) -> str:
     """Writes `params` (Flax, of `model`) as a DiTTransformer2DModel folder: config.json +
     diffusion_pytorch_model.safetensors (float32, metadata format=pt). Returns the folder."""
     config = diffusers_config(model)
-    sd = checkpoints.state_dict_from_dit_params(params, model.patch_size)
+    sd = param_mapping.state_dict_from_dit_params(params, model.patch_size)
     tensors = state_dict_to_diffusers(sd)
     folder = _new_folder(folder)
     files.write_atomically(os.path.join(folder, WEIGHTS_FILE),

@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from dit_jax import autoencoder as autoencoder_lib
 from dit_jax import diffusion as diffusion_lib
-from dit_jax import checkpoints as weights  # parameter checkpoints
-from dit_jax import files, models, solvers, workdir as workdir_lib
+from dit_jax import files, models, solvers, weights, workdir as workdir_lib
 
 #: ddpm / ddim: the official samplers on the respaced schedule; dpm++2m / dpm++3m: DPM-Solver++
 #: (multistep, order 2 / 3) with diffusers' linspace spacing (dit_jax.solvers).

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 
 from dit_jax import autoencoder as autoencoder_lib
-from dit_jax import checkpoints as weights  # parameter checkpoints
 from dit_jax import checkpoints, diffusion as diffusion_lib, flops, models, sampling, sharding
+from dit_jax import weights
 from dit_jax import workdir as workdir_lib
 from dit_jax.data import latents as latents_lib
 from dit_jax.data import pipeline as pipeline_lib

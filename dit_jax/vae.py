@@ -47,8 +47,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dit_jax import checkpoints
-from dit_jax.checkpoints import CheckpointError
+from dit_jax import state_dicts
+from dit_jax.state_dicts import CheckpointError
 
 Array = jax.Array
 
@@ -540,7 +540,7 @@ def _read_weights(folder: str) -> tuple[dict, str]:
     for name in WEIGHT_FILES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            read = checkpoints.read_safetensors if name.endswith(".safetensors") else checkpoints.read_torch_file
+            read = state_dicts.read_safetensors if name.endswith(".safetensors") else state_dicts.read_torch_file
             obj = read(path)
             if not isinstance(obj, Mapping) or not all(isinstance(v, np.ndarray) for v in obj.values()):
                 raise CheckpointError(f"{path}: not a flat state dict of tensors.")

@@ -19,7 +19,7 @@ import pytest
 from conftest import reference_path
 import safetensors.numpy
 
-from dit_jax import checkpoints, convert, diffusers_format, diffusion, models, solvers
+from dit_jax import convert, diffusers_format, diffusion, models, param_mapping, solvers, state_dicts
 
 TOL = 1e-4
 
@@ -34,7 +34,7 @@ def ref():
     folder = base.parent / meta["diffusers_folder"]["path_as_generated"]
     model = models.DiT(**meta["model"])
     sd = {k[len("state_dict/"):]: v for k, v in data.items() if k.startswith("state_dict/")}
-    params = {"params": checkpoints.dit_params_from_state_dict(sd, model)}
+    params = {"params": param_mapping.dit_params_from_state_dict(sd, model)}
     return data, meta, model, params, folder
 
 
@@ -223,16 +223,16 @@ def test_diffusers_folder_errors(ref, tmp_path):
     bad = dict(dsd)
     bad["transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"] = bad[
         "transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"] + 1
-    with pytest.raises(checkpoints.CheckpointError, match="per-block copies"):
+    with pytest.raises(state_dicts.CheckpointError, match="per-block copies"):
         diffusers_format.state_dict_from_diffusers(bad, model.input_size)
     del bad["proj_out_2.bias"]
-    with pytest.raises(checkpoints.CheckpointError, match="missing .*proj_out_2.bias"):
+    with pytest.raises(state_dicts.CheckpointError, match="missing .*proj_out_2.bias"):
         diffusers_format.state_dict_from_diffusers(bad, model.input_size)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("")
-    with pytest.raises(checkpoints.CheckpointError, match="already exists"):
+    with pytest.raises(state_dicts.CheckpointError, match="already exists"):
         diffusers_format.write_diffusers_dit(str(tmp_path / "taken"), params["params"], model)
-    with pytest.raises(checkpoints.CheckpointError, match="no such folder"):
+    with pytest.raises(state_dicts.CheckpointError, match="no such folder"):
         diffusers_format.read_diffusers_dit(str(tmp_path / "nope"))
 
 
@@ -255,5 +255,5 @@ def test_convert_both_ways(ref, tmp_path):
         for k, v in theirs.items():
             np.testing.assert_array_equal(ours[k], v, err_msg=k)
         assert json.loads((tmp_path / out / "config.json").read_text()) == meta["diffusers_config"]
-    with pytest.raises(checkpoints.CheckpointError, match="not DiT-XL/2"):
+    with pytest.raises(state_dicts.CheckpointError, match="not DiT-XL/2"):
         convert.convert(str(folder), str(tmp_path / "c"), "XL/2", output_format="diffusers")

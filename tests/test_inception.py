@@ -26,7 +26,7 @@ from flax import traverse_util
 from PIL import Image
 
 from conftest import REPO, reference_path
-from dit_jax import checkpoints, evaluate
+from dit_jax import evaluate, state_dicts
 from dit_jax.evaluation import inception, metrics
 
 REL_TOL = 1e-4  # of each reference array's max-abs value
@@ -162,15 +162,15 @@ def ref():
 def weights_path():
     try:
         return inception.find_inception_weights()
-    except checkpoints.CheckpointError as e:
+    except state_dicts.CheckpointError as e:
         pytest.fail(f"the FID Inception weights are needed: {inception.INSTALL_COMMAND} ({e})")
 
 
 @pytest.fixture(scope="module")
 def tf_state_dict(weights_path):
-    root = checkpoints.read_torch_file(weights_path)
-    assert isinstance(root, checkpoints.TorchScriptObject) and root.torch_class == "__torch__.wrap_net.WrapNet"
-    return checkpoints.flatten_torchscript(root["net"]["layers"])
+    root = state_dicts.read_torch_file(weights_path)
+    assert isinstance(root, state_dicts.TorchScriptObject) and root.torch_class == "__torch__.wrap_net.WrapNet"
+    return state_dicts.flatten_torchscript(root["net"]["layers"])
 
 
 @pytest.fixture(scope="module")
@@ -309,20 +309,20 @@ def test_logits_are_pool_times_fc_without_bias(features, fc_weight):
 def test_bad_torchvision_state_dicts(tmp_path, tf_state_dict, fc_weight):
     sd = torchvision_state_dict(tf_state_dict, fc_weight)
     scaled = dict(sd, **{"Mixed_5b.branch1x1.bn.weight": np.full(64, 2.0, np.float32)})
-    with pytest.raises(checkpoints.CheckpointError, match="Mixed_5b.branch1x1.bn.weight is not all ones"):
+    with pytest.raises(state_dicts.CheckpointError, match="Mixed_5b.branch1x1.bn.weight is not all ones"):
         inception.state_dict_from_torchvision(scaled, "scaled.pth")
     extra = dict(sd, **{"AuxLogits.fc.weight": np.zeros((1000, 768), np.float32)})
-    with pytest.raises(checkpoints.CheckpointError, match="unexpected keys: AuxLogits.fc.weight"):
+    with pytest.raises(state_dicts.CheckpointError, match="unexpected keys: AuxLogits.fc.weight"):
         inception.state_dict_from_torchvision(extra, "extra.pth")
     imagenet_head = dict(sd, **{"fc.weight": np.zeros((1000, 2048), np.float32)})
-    with pytest.raises(checkpoints.CheckpointError, match=r"logits.weight: file \(1000, 2048\)"):
+    with pytest.raises(state_dicts.CheckpointError, match=r"logits.weight: file \(1000, 2048\)"):
         inception.params_from_tf_state_dict(inception.state_dict_from_torchvision(imagenet_head), "tv.pth")
     partial = {k: v for k, v in tf_state_dict.items() if not k.startswith("mixed_10.")}
-    with pytest.raises(checkpoints.CheckpointError, match=r"missing \(36\): mixed_10"):
+    with pytest.raises(state_dicts.CheckpointError, match=r"missing \(36\): mixed_10"):
         inception.params_from_tf_state_dict(partial, "partial.pt")
     not_weights = tmp_path / "other.pth"
     write_torch_state_dict(not_weights, {"layer.weight": np.zeros(3, np.float32)})
-    with pytest.raises(checkpoints.CheckpointError, match="other.pth: not an FID Inception-V3 state dict"):
+    with pytest.raises(state_dicts.CheckpointError, match="other.pth: not an FID Inception-V3 state dict"):
         inception.load_inception_params(not_weights)
 
 
@@ -330,18 +330,18 @@ def test_weights_locator(tmp_path, monkeypatch, weights_path):
     assert os.path.basename(weights_path) == "default_1.pt" or weights_path.endswith(inception.CACHE_FILE)
     monkeypatch.setenv("DIT_JAX_CACHE", str(tmp_path))
     monkeypatch.setattr(inception, "installed_weights_path", lambda: None)
-    with pytest.raises(checkpoints.CheckpointError) as info:
+    with pytest.raises(state_dicts.CheckpointError) as info:
         inception.find_inception_weights()
     assert inception.INSTALL_COMMAND in str(info.value) and "\n" not in str(info.value)
     (tmp_path / inception.CACHE_FILE).write_bytes(b"")
     assert inception.find_inception_weights() == str(tmp_path / inception.CACHE_FILE)
-    with pytest.raises(checkpoints.CheckpointError, match="missing.pt: no such file"):
+    with pytest.raises(state_dicts.CheckpointError, match="missing.pt: no such file"):
         inception.find_inception_weights(str(tmp_path / "missing.pt"))
     assert inception.find_inception_weights(weights_path) == weights_path
 
 
 def test_read_state_dict_flattens_torchscript(weights_path):
-    sd = checkpoints.read_state_dict(weights_path)
+    sd = state_dicts.read_state_dict(weights_path)
     assert len(sd) == 376 and sd["net.layers.mixed_6.conv.weight"].shape == (192, 768, 1, 1)
 
 
@@ -360,11 +360,11 @@ def test_torchscript_reader_builds_inert_modules(tmp_path):
     writer = _TensorWriter()
     path = tmp_path / "net.pt"
     write_torchscript_like(path, _benign_module(writer), writer)
-    root = checkpoints.read_torch_file(path)
+    root = state_dicts.read_torch_file(path)
     assert root.torch_class == "__torch__.net.Net" and root.constants == ()
     assert root["conv"].torch_class == "__torch__.net.Conv" and root["conv"]["padding"] == [0, 3]
     assert root["conv"]["training"] is False
-    flat = checkpoints.flatten_torchscript(root)
+    flat = state_dicts.flatten_torchscript(root)
     assert list(flat) == ["conv.weight"]
     np.testing.assert_array_equal(flat["conv.weight"], np.arange(6, dtype=np.float32).reshape(2, 3))
 
@@ -381,16 +381,16 @@ def test_torchscript_reader_refuses_other_globals(tmp_path):
     for name, body in cases.items():
         path = tmp_path / f"{name}.pt"
         write_torchscript_like(path, body, _TensorWriter())
-        with pytest.raises(checkpoints.UnsafeCheckpointError, match=f"'{name}'") as info:
-            checkpoints.read_torch_file(path)
+        with pytest.raises(state_dicts.UnsafeCheckpointError, match=f"'{name}'") as info:
+            state_dicts.read_torch_file(path)
         assert str(path) in str(info.value) and "Nothing was executed" in str(info.value)
     assert not marker.exists()
     # TorchScript classes and build_intlist only in a TorchScript archive (one with constants.pkl)
     writer = _TensorWriter()
     plain = tmp_path / "plain.pt"
     write_torchscript_like(plain, _benign_module(writer), writer, constants=False)
-    with pytest.raises(checkpoints.UnsafeCheckpointError, match="__torch__.net.Net"):
-        checkpoints.read_torch_file(plain)
+    with pytest.raises(state_dicts.UnsafeCheckpointError, match="__torch__.net.Net"):
+        state_dicts.read_torch_file(plain)
     # a malicious constants table is refused too
     bad_constants = tmp_path / "constants.pt"
     writer = _TensorWriter()
@@ -399,8 +399,8 @@ def test_torchscript_reader_refuses_other_globals(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # duplicate member name: the later one wins
             z.writestr("archive/constants.pkl", b"\x80\x02" + evil_call + b".")
-    with pytest.raises(checkpoints.UnsafeCheckpointError, match="'os.system'"):
-        checkpoints.read_torch_file(bad_constants)
+    with pytest.raises(state_dicts.UnsafeCheckpointError, match="'os.system'"):
+        state_dicts.read_torch_file(bad_constants)
     assert not marker.exists()
 
 

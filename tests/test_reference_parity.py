@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import reference_path
-from dit_jax import checkpoints, diffusion, models
+from dit_jax import diffusion, models, param_mapping, weights
 
 TOL = 1e-4
 
@@ -28,7 +28,7 @@ def ref():
     data = dict(np.load(npz))
     meta = json.loads(sidecar.read_text())
     model = models.DiT(**meta["model"])
-    params = {"params": checkpoints.load_dit_params(str(npz), model, prefix="state_dict/")}
+    params = {"params": weights.load_dit_params(str(npz), model, prefix="state_dict/")}
     return data, model, params
 
 
@@ -141,7 +141,7 @@ def test_ddim_reverse_step(ref):
 def test_export_round_trip(ref):
     """Flax params -> official state dict reproduces the fixture's tensors exactly."""
     d, model, params = ref
-    sd = checkpoints.state_dict_from_dit_params(params["params"], model.patch_size)
+    sd = param_mapping.state_dict_from_dit_params(params["params"], model.patch_size)
     expected = {k[len("state_dict/"):]: v for k, v in d.items() if k.startswith("state_dict/")}
     assert set(sd) == set(expected)
     for k, v in expected.items():

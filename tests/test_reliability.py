@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from dit_jax import checkpoints, train, workdir as workdir_lib
+from dit_jax import checkpoints, state_dicts, train, workdir as workdir_lib
 from dit_jax.data import embedded, latents
 from test_train import tiny_config
 
@@ -423,8 +423,8 @@ def test_pickles_asking_for_anything_but_tensors_are_refused_without_running(tmp
     marker = tmp_path / "executed"
     for name, (payload, expected) in evil_payloads(marker).items():
         path = torch_zip(tmp_path / f"evil{ext}", payload)
-        with pytest.raises(checkpoints.CheckpointError) as info:
-            checkpoints.read_state_dict(path)
+        with pytest.raises(state_dicts.CheckpointError) as info:
+            state_dicts.read_state_dict(path)
         message = str(info.value)
         assert message.startswith(str(path)) and expected in message, (name, message)
         assert not marker.exists(), name
@@ -444,12 +444,12 @@ def test_damaged_torch_and_safetensors_files_are_clear_errors(tmp_path, data_dir
     raw[at] ^= 0xFF
     bad_crc.write_bytes(bytes(raw))
     for path, expected in ((cut, "not a PyTorch zip checkpoint"), (bad_crc, "corrupt")):
-        with pytest.raises(checkpoints.CheckpointError, match=re.escape(str(path)) + ".*" + expected):
-            checkpoints.read_state_dict(path)
+        with pytest.raises(state_dicts.CheckpointError, match=re.escape(str(path)) + ".*" + expected):
+            state_dicts.read_state_dict(path)
 
     tensors = {"a": np.arange(6, dtype=np.float32), "b": np.ones(4, np.float32)}
     base = tmp_path / "w.safetensors"
-    checkpoints.write_safetensors(base, tensors)
+    state_dicts.write_safetensors(base, tensors)
     raw = base.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
@@ -474,8 +474,8 @@ def test_damaged_torch_and_safetensors_files_are_clear_errors(tmp_path, data_dir
     not_json.write_bytes((5).to_bytes(8, "little") + b"{nope")
     cases[not_json] = "not valid JSON"
     for path, expected in cases.items():
-        with pytest.raises(checkpoints.CheckpointError, match=re.escape(str(path)) + ".*" + expected):
-            checkpoints.read_state_dict(path)
+        with pytest.raises(state_dicts.CheckpointError, match=re.escape(str(path)) + ".*" + expected):
+            state_dicts.read_state_dict(path)
 
 
 # ----------------------------------------------------------------------------------------

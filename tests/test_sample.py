@@ -132,8 +132,8 @@ def test_invert_cli(tmp_path):
         Image.fromarray((np.random.default_rng(i).random((12, 10)) * 255).astype(np.uint8)).save(paths[-1])
     ckpt = tmp_path / "model"
     model = models.DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=5)
-    from dit_jax import checkpoints
-    checkpoints.save_params(str(ckpt), _perturbed_params(model, scale=0.01), dict(name="custom", input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+    from dit_jax import weights
+    weights.save_params(str(ckpt), _perturbed_params(model, scale=0.01), dict(name="custom", input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2,
              num_classes=5))
     out = tmp_path / "inv.png"
     res = subprocess.run([sys.executable, "-m", "dit_jax.invert", f"--checkpoint={ckpt}", "--vae=identity:8",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import reference_path
-from dit_jax import checkpoints, diffusion, interpolants, models
+from dit_jax import diffusion, interpolants, models, weights
 
 TOL = 1e-4
 DOPRI5_TOL = 1e-3  # the reference run's rtol: a port's adaptive steps agree to about that
@@ -28,7 +28,7 @@ def ref():
     data = dict(np.load(npz))
     meta = json.loads(sidecar.read_text())
     model = models.DiT(**meta["model"])
-    params = {"params": checkpoints.load_dit_params(str(npz), model, prefix="state_dict/")}
+    params = {"params": weights.load_dit_params(str(npz), model, prefix="state_dict/")}
     return data, meta, model, params
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from dit_jax import checkpoints, models, train, workdir as workdir_lib
+from dit_jax import checkpoints, models, param_mapping, train, workdir as workdir_lib
 
 sys.path.insert(0, str(REPO))
 from configs import demo  # noqa: E402
@@ -106,7 +106,7 @@ def test_initialise_from_a_converted_checkpoint(tmp_path):
     params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.05,
                                     models.abstract_params(model))
     path = tmp_path / "init.npz"
-    np.savez(path, **checkpoints.state_dict_from_dit_params(params, model.patch_size))
+    np.savez(path, **param_mapping.state_dict_from_dit_params(params, model.patch_size))
     config.model.init_checkpoint = str(path)
     state = train.train_and_evaluate(config, str(tmp_path / "w"))
     for a, b in zip(leaves(params), leaves(state.params)):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import reference_path
-from dit_jax import checkpoints, vae
+from dit_jax import state_dicts, vae
 
 TOL = 1e-4
 BF16_TOL = 5e-2
@@ -208,17 +208,17 @@ def test_state_dict_errors(ref):
     sd = state_dict(d, "state_dict/")
     missing = dict(sd)
     del missing["decoder.conv_out.bias"]
-    with pytest.raises(checkpoints.CheckpointError, match=r"missing \(1\): decoder\.conv_out\.bias"):
+    with pytest.raises(state_dicts.CheckpointError, match=r"missing \(1\): decoder\.conv_out\.bias"):
         vae.vae_params_from_state_dict(missing, config)
     o, i, kh, kw = sd["encoder.conv_in.weight"].shape
     wrong = dict(sd, **{"encoder.conv_in.weight": np.zeros((o, i, kh + 2, kw + 2), np.float32)})
-    with pytest.raises(checkpoints.CheckpointError, match=r"wrong shape \(1\): encoder\.conv_in\.weight"):
+    with pytest.raises(state_dicts.CheckpointError, match=r"wrong shape \(1\): encoder\.conv_in\.weight"):
         vae.vae_params_from_state_dict(wrong, config)
     extra = dict(sd, **{"encoder.extra.weight": np.zeros((1,), np.float32)})
-    with pytest.raises(checkpoints.CheckpointError, match=r"unexpected \(1\): encoder\.extra\.weight"):
+    with pytest.raises(state_dicts.CheckpointError, match=r"unexpected \(1\): encoder\.extra\.weight"):
         vae.vae_params_from_state_dict(extra, config)
     both = dict(sd, **{"encoder.mid_block.attentions.0.query.weight": sd["encoder.mid_block.attentions.0.to_q.weight"]})
-    with pytest.raises(checkpoints.CheckpointError, match="given twice"):
+    with pytest.raises(state_dicts.CheckpointError, match="given twice"):
         vae.vae_params_from_state_dict(both, config)
 
 
@@ -234,10 +234,10 @@ def test_config_and_input_errors(ref, tmp_path):
         vae.VAEConfig.from_dict(dict(cfg, act_fn="gelu"))
     with pytest.raises(ValueError, match="divisible"):
         vae.VAEConfig.from_dict(dict(cfg, norm_num_groups=7))
-    with pytest.raises(checkpoints.CheckpointError, match="no such folder"):
+    with pytest.raises(state_dicts.CheckpointError, match="no such folder"):
         vae.load_vae(tmp_path / "nothing-here")
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(checkpoints.CheckpointError, match="no VAE weights"):
+    with pytest.raises(state_dicts.CheckpointError, match="no VAE weights"):
         vae.load_vae(tmp_path)
     model, params = ref["model"], ref["params"]
     with pytest.raises(ValueError, match="looks NCHW"):
@@ -246,5 +246,5 @@ def test_config_and_input_errors(ref, tmp_path):
 
 def test_hub_id_without_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(checkpoints.CheckpointError, match="Hugging Face Hub"):
+    with pytest.raises(state_dicts.CheckpointError, match="Hugging Face Hub"):
         vae.load_vae("dit-jax-tests/no-such-vae-repository")

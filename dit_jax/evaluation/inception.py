@@ -43,8 +43,8 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dit_jax import checkpoints
-from dit_jax.checkpoints import CheckpointError
+from dit_jax import state_dicts
+from dit_jax.state_dicts import CheckpointError
 
 INPUT_SIZE = 299
 BN_EPSILON = 1e-3
@@ -433,13 +433,13 @@ def load_inception_params(path: str) -> dict:
     """Flax params from default_1.pt (TorchScript) or a pytorch-fid / torch-fidelity .pth;
     params['logits'] exists only when the file has the 1008-way logits layer."""
     path = os.fspath(path)
-    obj = checkpoints.read_torch_file(path)
-    if isinstance(obj, checkpoints.TorchScriptObject):
+    obj = state_dicts.read_torch_file(path)
+    if isinstance(obj, state_dicts.TorchScriptObject):
         root = obj
         for attr in ("net", "layers"):  # WrapNet -> InceptionV3 -> Sequential of TF-named blocks
-            if isinstance(root.get(attr), checkpoints.TorchScriptObject):
+            if isinstance(root.get(attr), state_dicts.TorchScriptObject):
                 root = root[attr]
-        sd = checkpoints.flatten_torchscript(root)
+        sd = state_dicts.flatten_torchscript(root)
     elif isinstance(obj, Mapping):
         sd = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), Mapping) else obj
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
