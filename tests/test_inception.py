@@ -26,7 +26,7 @@ from flax import traverse_util
 from PIL import Image
 
 from conftest import REPO, reference_path
-from dit_jax import evaluate, state_dicts
+from dit_jax import state_dicts
 from dit_jax.evaluation import inception, metrics
 
 REL_TOL = 1e-4  # of each reference array's max-abs value
@@ -475,7 +475,7 @@ def _printed(stdout: str) -> dict:
     values = {}
     for line in stdout.splitlines():
         name, sep, value = line.partition(": ")
-        if sep and name in evaluate.METRIC_NAMES.values():
+        if sep and name in metrics.METRIC_NAMES.values():
             values[name] = None if value.startswith("n/a") else float(value)
     return values
 
@@ -489,8 +489,8 @@ def test_evaluate_cli_prints_the_library_numbers(tmp_path, ref, mirrored, featur
     printed = _printed(result.stdout)
     with single_threaded_blas():
         expected = metrics.evaluate_features(features, mirrored_features, fid_method="eigh")
-    assert set(printed) == set(evaluate.METRIC_NAMES.values()), result.stdout
-    for key, name in evaluate.METRIC_NAMES.items():
+    assert set(printed) == set(metrics.METRIC_NAMES.values()), result.stdout
+    for key, name in metrics.METRIC_NAMES.items():
         assert printed[name] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), (name, result.stdout)
     assert expected["inception_score"] >= 1.0
 

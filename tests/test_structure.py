@@ -83,3 +83,6 @@ def test_command_lines_are_not_imported_by_the_library():
     assert {"dit_jax.main", "dit_jax.sample", "dit_jax.score_digits"} <= clis
     users = {(user, cli) for user, deps in graph.items() for cli in deps & clis}
     assert not users, users
+    # nor do the tests, which run them as programs (their flags are defined on import)
+    tests = {p.name: imported_modules(p, clis) for p in (REPO / "tests").glob("*.py")}
+    assert not {name: deps for name, deps in tests.items() if deps}

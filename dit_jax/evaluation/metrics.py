@@ -21,6 +21,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import time
 import warnings
 import zipfile
 from typing import Iterable, Iterator, Optional, Union
@@ -500,3 +501,59 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image PSNR in dB of uint8 images [N, H, W, C]."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
     return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))
+
+
+# ----------------------------------------------------------------------------------------
+# ADM's evaluator on files (the dit_jax.evaluate command line)
+# ----------------------------------------------------------------------------------------
+
+METRIC_NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID",
+                "precision": "Precision", "recall": "Recall"}
+
+
+def evaluate_files(ref_path: str, sample_path: str, extractor,
+                   fid_method: str = "sqrtm", log=print) -> dict:
+    """ADM's metrics of the sample batch file against the reference batch file (see the module
+    docstring); returns {'inception_score'?, 'fid', 'sfid', 'precision'?, 'recall'?}."""
+    ref = metrics.read_reference_batch(ref_path)
+    sample = metrics.read_reference_batch(sample_path)
+    if not sample.num_images:
+        raise ValueError(f"{sample_path}: a sample batch needs images (arr_0).")
+    ref_features = None
+    if ref.num_images:
+        ref_features = _features(extractor, ref, "reference", log)
+    sample_features = _features(extractor, sample, "samples", log)
+    return metrics.evaluate_features(
+        sample_features, ref_features, ref_stats=ref.stats, ref_spatial_stats=ref.spatial_stats,
+        sample_stats=sample.stats, sample_spatial_stats=sample.spatial_stats, fid_method=fid_method)
+
+
+def _features(extractor, batch: metrics.ReferenceBatch, what: str, log) -> dict:
+    start = time.perf_counter()
+    features = extractor.features_of_batches(batch.iter_images(extractor.batch_size))
+    seconds = time.perf_counter() - start
+    log(f"{what}: {batch.num_images} images {batch.image_shape[1:]} from {batch.path} "
+        f"({seconds:.1f}s, {batch.num_images / seconds:.1f} images/s)")
+    return features
+
+
+def make_reference(output: str, source: str, extractor_factory, *, image_size: int, num: Optional[int],
+                   num_images: int, split: str, seed: int, batch_size: int) -> None:
+    if num_images < 0:
+        raise ValueError(f"--num_images must be >= 0, got {num_images}.")
+    batches = metrics.iter_source_images(source, image_size, num=num, split=split, seed=seed, batch_size=batch_size)
+    extractor = extractor_factory()
+    count = 0
+
+    def counted():
+        nonlocal count
+        for batch in batches:
+            count += len(batch)
+            yield batch
+
+    start = time.perf_counter()
+    reference = metrics.reference_from_images(extractor, counted(), keep_images=num_images, seed=seed)
+    metrics.write_reference_batch(output, **reference)
+    kept = 0 if reference["images"] is None else len(reference["images"])
+    print(f"wrote {output}: statistics (mu, sigma, mu_s, sigma_s) of {count} images of {source} at "
+          f"{image_size}x{image_size}, {kept} of them as arr_0 ({time.perf_counter() - start:.1f}s)")
