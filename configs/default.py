@@ -32,9 +32,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_threads = 2
     c.data.prefetch = 4
 
-    c.diffusion = ml_collections.ConfigDict()
+    c.objective = "ddpm"                # "ddpm": DiT's diffusion; "interpolant": SiT's flow matching
+
+    c.diffusion = ml_collections.ConfigDict()   # objective "ddpm"
     c.diffusion.steps = 1000
     c.diffusion.noise_schedule = "linear"
+
+    c.interpolant = ml_collections.ConfigDict()  # objective "interpolant" (dit_jax.interpolants)
+    c.interpolant.path = "Linear"       # Linear | GVP | VP
+    c.interpolant.prediction = "velocity"  # velocity | noise | score
+    c.interpolant.loss_weight = "none"  # none | velocity | likelihood (noise/score prediction only)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4    # AdamW

@@ -440,6 +440,13 @@ def _dopri5(drift, x, grid, atol, rtol, return_trajectory, max_steps):
     return sol.ys if return_trajectory else sol.ys[0]
 
 
+def from_config(config) -> Interpolant:
+    """The interpolant of a run's `config.interpolant` (path, prediction, loss_weight, where a
+    loss_weight of 'none' means None)."""
+    weight = config.get("loss_weight", "none")
+    return Interpolant(config.path, config.prediction, None if weight in ("none", None) else weight)
+
+
 def create_interpolant(path_type: str = "Linear", prediction: str = "velocity",
                        loss_weight: Optional[str] = None, train_eps: Optional[float] = None,
                        sample_eps: Optional[float] = None) -> Interpolant:

@@ -24,11 +24,14 @@ from tqdm import tqdm
 
 from dit_jax import autoencoder as autoencoder_lib
 from dit_jax import diffusion as diffusion_lib
-from dit_jax import files, models, solvers, weights, workdir as workdir_lib
+from dit_jax import files, interpolants, models, solvers, weights, workdir as workdir_lib
 
 #: ddpm / ddim: the official samplers on the respaced schedule; dpm++2m / dpm++3m: DPM-Solver++
 #: (multistep, order 2 / 3) with diffusers' linspace spacing (dit_jax.solvers).
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m")
+#: Samplers of an interpolant (SiT) run: the probability-flow ODE (euler, heun; dopri5 adaptive,
+#: atol 1e-6 rtol 1e-3) or the SDE with the "sigma" diffusion and SiT's "Mean" last step.
+FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde-euler", "sde-heun")
 GUIDANCE = ("official", "all")
 
 
@@ -40,21 +43,41 @@ def guidance_channels(guidance: str) -> Optional[int]:
     return 3 if guidance == "official" else None
 
 
+def samplers_for(interpolant: Optional[interpolants.Interpolant]) -> tuple:
+    """The sampler names of a DDPM run (interpolant None) or of an interpolant run."""
+    return SAMPLERS if interpolant is None else FLOW_SAMPLERS
+
+
+def schedule_from_config(config) -> dict:
+    """How a run's model turns noise into data, from its config: the keyword arguments
+    noise_schedule, diffusion_steps and interpolant (None for a DDPM run) of `sample_latents`."""
+    flow = config.get("objective", "ddpm") == "interpolant"
+    return dict(noise_schedule=config.diffusion.noise_schedule,
+                diffusion_steps=int(config.diffusion.steps),
+                interpolant=interpolants.from_config(config.interpolant) if flow else None)
+
+
 def sample_latents(model: models.DiT, params, labels: jax.Array, key: jax.Array, *,
                    sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 4.0,
                    guidance_channels: Optional[int] = 3, eta: float = 0.0,
                    clip_denoised: bool = False, noise: Optional[jax.Array] = None,
                    noise_schedule: str = "linear", diffusion_steps: int = 1000,
-                   guidance_interval: Optional[tuple[float, float]] = None) -> jax.Array:
+                   guidance_interval: Optional[tuple[float, float]] = None,
+                   interpolant: Optional[interpolants.Interpolant] = None) -> jax.Array:
     """Samples one latent per label: [N, H, W, C]. cfg_scale <= 1 disables guidance.
     clip_denoised clips each x0 prediction to [-1, 1]: right for pixel space, not for VAE latents.
     `noise` ([N, H, W, C]) is the starting x_T (default: drawn from `key`). The batch follows the
     sharding of `labels`/`noise`: pass them split over devices to sample data-parallel.
     noise_schedule/diffusion_steps must be those the model was trained with. `steps` is the
     number of model evaluations per sample (twice that many forwards with guidance).
-    guidance_interval=(lo, hi): guide only at training timesteps lo <= t <= hi (None: all)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+    guidance_interval=(lo, hi): guide only at model timesteps lo <= t <= hi (None: all).
+    An `interpolant` run (SiT) samples with FLOW_SAMPLERS on t in [0, 1] (1 is data); its
+    noise_schedule and diffusion_steps are unused."""
+    names = samplers_for(interpolant)
+    if sampler not in names:
+        kind = "a DDPM" if interpolant is None else "an interpolant"
+        raise ValueError(f"Unknown sampler {sampler!r} for {kind} model; choose one of "
+                         f"{', '.join(names)}.")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
     # DPM-Solver++ picks its own timesteps on the full schedule; the others respace it.
@@ -66,7 +89,8 @@ def sample_latents(model: models.DiT, params, labels: jax.Array, key: jax.Array,
         shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
         noise = jax.random.normal(noise_key, shape, jnp.float32)
     interval = None if guidance_interval is None else tuple(float(v) for v in guidance_interval)
-    return _sample(model, diffusion, sampler, int(steps), float(cfg_scale), guidance_channels,
+    process = diffusion if interpolant is None else interpolant
+    return _sample(model, process, sampler, int(steps), float(cfg_scale), guidance_channels,
                    interval, float(eta), bool(clip_denoised), params, labels, noise, loop_key)
 
 
@@ -84,6 +108,8 @@ def model_fn(model: models.DiT, params, labels: jax.Array, cfg_scale: float,
 def _sample(model, diffusion, sampler, steps, cfg_scale, guidance_channels, guidance_interval, eta,
             clip_denoised, params, labels, z, key):
     fn = model_fn(model, params, labels, cfg_scale, guidance_channels, guidance_interval)
+    if isinstance(diffusion, interpolants.Interpolant):
+        return flow_sample(diffusion, sampler, steps, fn, z, key)
     if sampler == "ddpm":
         return diffusion.p_sample_loop(fn, z, key=key, clip_denoised=clip_denoised)
     if sampler == "ddim":
@@ -95,14 +121,20 @@ def _sample(model, diffusion, sampler, steps, cfg_scale, guidance_channels, guid
 def invert_latents(model: models.DiT, params, latents: jax.Array, labels: jax.Array, *,
                    steps: int = 50, cfg_scale: float = 1.0, guidance_channels: Optional[int] = 3,
                    clip_denoised: bool = False, noise_schedule: str = "linear",
-                   diffusion_steps: int = 1000):
-    """(x_T, x_0 reconstructed): DDIM inversion of scaled latents [N, h, w, c] to noise, then
-    DDIM sampling back, on the model's training schedule. One compiled program."""
-    diffusion = diffusion_lib.create_diffusion(
-        f"ddim{steps}", learn_sigma=model.learn_sigma, noise_schedule=noise_schedule,
-        diffusion_steps=diffusion_steps)
-    return _invert(model, diffusion, float(cfg_scale), guidance_channels, bool(clip_denoised),
-                   params, latents, labels)
+                   diffusion_steps: int = 1000,
+                   interpolant: Optional[interpolants.Interpolant] = None):
+    """(noise, latents reconstructed) of scaled latents [N, h, w, c], on the model's training
+    process, as one compiled program: DDIM inversion and DDIM back for a DDPM model; for an
+    interpolant model the probability-flow ODE run backwards (Heun, `steps` evaluations) and
+    forwards again."""
+    if interpolant is not None:
+        process = interpolant
+    else:
+        process = diffusion_lib.create_diffusion(
+            f"ddim{steps}", learn_sigma=model.learn_sigma, noise_schedule=noise_schedule,
+            diffusion_steps=diffusion_steps)
+    return _invert(model, process, int(steps), float(cfg_scale), guidance_channels,
+                   bool(clip_denoised), params, latents, labels)
 
 
 def round_trip(diffusion: diffusion_lib.GaussianDiffusion, fn, x0: jax.Array,
@@ -113,11 +145,30 @@ def round_trip(diffusion: diffusion_lib.GaussianDiffusion, fn, x0: jax.Array,
     return noise, diffusion.ddim_sample_loop(fn, noise, clip_denoised=clip_denoised)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _invert(model, diffusion, cfg_scale, guidance_channels, clip_denoised, params, latents,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _invert(model, process, steps, cfg_scale, guidance_channels, clip_denoised, params, latents,
             labels):
     fn = model_fn(model, params, labels, cfg_scale, guidance_channels)
-    return round_trip(diffusion, fn, latents, clip_denoised)
+    if isinstance(process, interpolants.Interpolant):
+        grid = max(steps // 2, 1) + 1
+        noise = process.sample_ode(fn, latents, method="heun2", num_steps=grid, reverse=True)
+        return noise, process.sample_ode(fn, noise, method="heun2", num_steps=grid)
+    return round_trip(process, fn, latents, clip_denoised)
+
+
+def flow_sample(interpolant: interpolants.Interpolant, sampler: str, steps: int, fn, z, key):
+    """Noise z -> data with an interpolant model function `fn(x, t)` in about `steps` model
+    evaluations (dopri5 chooses its own)."""
+    if sampler == "euler":
+        return interpolant.sample_ode(fn, z, method="euler", num_steps=steps + 1)
+    if sampler == "heun":  # two evaluations a step
+        return interpolant.sample_ode(fn, z, method="heun2", num_steps=max(steps // 2, 1) + 1)
+    if sampler == "dopri5":
+        return interpolant.sample_ode(fn, z, method="dopri5", num_steps=2)
+    method = {"sde-euler": "Euler", "sde-heun": "Heun"}[sampler]
+    grid = steps if method == "Euler" else max(steps // 2, 1)
+    return interpolant.sample_sde(fn, z, method=method, diffusion_form="sigma", last_step="Mean",
+                                  num_steps=max(grid, 2), key=key)
 
 
 # ----------------------------------------------------------------------------------------
@@ -171,10 +222,13 @@ class Generator:
     guidance: str = "official"       # the run's configured guidance (official or all)
     step: Optional[int] = None       # the training step of a run's checkpoint
     guidance_interval: Optional[tuple] = None  # the run's configured interval (None: always)
+    interpolant: Optional[interpolants.Interpolant] = None  # an interpolant (SiT) run's
 
     @property
     def schedule(self) -> dict:
-        return dict(noise_schedule=self.noise_schedule, diffusion_steps=self.diffusion_steps)
+        """How the model was trained, as `sample_latents` keywords."""
+        return dict(noise_schedule=self.noise_schedule, diffusion_steps=self.diffusion_steps,
+                    interpolant=self.interpolant)
 
     @property
     def pixel_space(self) -> bool:
@@ -199,11 +253,13 @@ def generator_from_workdir(workdir: str, step: Optional[int] = None) -> Generato
     its noise schedule and its configured guidance."""
     model, ema, step, meta = workdir_lib.load_ema(workdir, step)
     config = workdir_lib.load_run_config(workdir)
+    schedule = schedule_from_config(config)
     return Generator(model, ema, meta["autoencoder"], float(meta["scaling_factor"]),
                      int(meta["image_size"]), f"{workdir} step {step}",
-                     config.diffusion.noise_schedule, int(config.diffusion.steps),
+                     schedule["noise_schedule"], schedule["diffusion_steps"],
                      config.sample.get("guidance", "official"), step,
-                     tuple(config.sample.get("guidance_interval", ())) or None)
+                     tuple(config.sample.get("guidance_interval", ())) or None,
+                     schedule["interpolant"])
 
 
 def generator_from_checkpoint(checkpoint: Optional[str], *, model_name: str, image_size: int,

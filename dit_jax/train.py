@@ -39,6 +39,9 @@ class TrainState(flax.struct.PyTreeNode):
     nonfinite_step: jax.Array  # first step whose loss or gradient was not finite (-1: none)
 
 
+OBJECTIVES = ("ddpm", "interpolant")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, ...), with what to do about it."""
 
@@ -64,11 +67,15 @@ def validate_config(config, meta: dict, num_devices: int) -> None:
         jnp.dtype(config.model.dtype)
     except TypeError:
         raise ValueError(f"config.model.dtype {config.model.dtype!r} is not a dtype (e.g. 'bfloat16', 'float32').") from None
+    if config.objective not in OBJECTIVES:
+        raise ValueError(f"config.objective must be one of {OBJECTIVES}, got {config.objective!r}.")
+    interpolant = sampling.schedule_from_config(config)["interpolant"]  # checks its fields
     for section in ("sample", "eval"):
         c = config[section]
-        if c.sampler not in sampling.SAMPLERS:
-            raise ValueError(f"config.{section}.sampler must be one of {sampling.SAMPLERS}, "
-                             f"got {c.sampler!r}.")
+        names = sampling.samplers_for(interpolant)
+        if c.sampler not in names:
+            raise ValueError(f"config.{section}.sampler must be one of {names} for objective "
+                             f"{config.objective!r}, got {c.sampler!r}.")
         sampling.guidance_channels(c.guidance)  # checks the name
         if len(c.guidance_interval) not in (0, 2):
             raise ValueError(f"config.{section}.guidance_interval must be () or (lo, hi), "
@@ -161,21 +168,42 @@ def training_diffusion(config) -> diffusion_lib.GaussianDiffusion:
                                           learn_sigma=config.model.learn_sigma)
 
 
-def train_step(state: TrainState, batch: dict, *, model: models.DiT,
-               diffusion: diffusion_lib.GaussianDiffusion, tx: optax.GradientTransformation,
-               config) -> tuple[TrainState, dict]:
-    """One optimisation step on a global batch {'latents': [B,h,w,c], 'labels': [B]}.
-    A step whose loss or gradient is not finite leaves the state untouched and is recorded."""
+def training_losses(config):
+    """The per-example losses of config.objective:
+    (model_fn(x, t), x [B,h,w,c], t_key, noise_key) -> {'loss': [B], other terms: [B]}.
+    ddpm: DiT's hybrid loss (mse + vb) at integer timesteps; interpolant: SiT's loss at
+    continuous t in [0, 1]. Both draw t from t_key and the noise from noise_key."""
+    if config.objective == "interpolant":
+        interpolant = sampling.schedule_from_config(config)["interpolant"]
+
+        def interpolant_losses(model_fn, x, t_key, noise_key):
+            t = interpolant.sample_t(t_key, x.shape[0])
+            noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+            return {"loss": interpolant.training_losses(model_fn, x, t=t, noise=noise)["loss"]}
+        return interpolant_losses
+    diffusion = training_diffusion(config)
+
+    def ddpm_losses(model_fn, x, t_key, noise_key):
+        t = jax.random.randint(t_key, (x.shape[0],), 0, diffusion.num_timesteps)
+        noise = jax.random.normal(noise_key, x.shape, jnp.float32)
+        terms = diffusion.training_losses(model_fn, x, t, noise)
+        return {"loss": terms["loss"], "mse": terms["mse"], "vb": terms["vb"]}
+    return ddpm_losses
+
+
+def train_step(state: TrainState, batch: dict, *, model: models.DiT, losses,
+               tx: optax.GradientTransformation, config) -> tuple[TrainState, dict]:
+    """One optimisation step on a global batch {'latents': [B,h,w,c], 'labels': [B]} with
+    `losses` from `training_losses`. A step whose loss or gradient is not finite leaves the
+    state untouched and is recorded."""
     x, y = batch["latents"], batch["labels"]
     key = jax.random.fold_in(state.rng, state.step)
     t_key, noise_key, drop_key = jax.random.split(key, 3)
-    t = jax.random.randint(t_key, (x.shape[0],), 0, diffusion.num_timesteps)
-    noise = jax.random.normal(noise_key, x.shape, jnp.float32)
 
     def loss_fn(params):
         model_fn = lambda xt, tt: model.apply({"params": params}, xt, tt, y, train=True,
                                               rngs={"label_dropout": drop_key})
-        terms = diffusion.training_losses(model_fn, x, t, noise)
+        terms = losses(model_fn, x, t_key, noise_key)
         return terms["loss"].mean(), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -192,14 +220,14 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
         opt_state=keep(opt_state, state.opt_state),
         nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
                                  state.nonfinite_step))
-    metrics = {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean(),
-               "grad_norm": grad_norm, "learning_rate": lr_schedule(config)(state.step)}
+    metrics = {**{k: v.mean() for k, v in terms.items()}, "grad_norm": grad_norm,
+               "learning_rate": lr_schedule(config)(state.step)}
     return new_state, metrics
 
 
 def jit_train_step(config, model: models.DiT, tx, state_sharding, batch_sharding):
     """`train_step` jitted with the state's and the batch's shardings, the state donated."""
-    step = functools.partial(train_step, model=model, diffusion=training_diffusion(config), tx=tx,
+    step = functools.partial(train_step, model=model, losses=training_losses(config), tx=tx,
                              config=config)
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, None), donate_argnums=0)
@@ -218,8 +246,7 @@ def write_sample_grid(model, ema_params, config, step: int, workdir: str, writer
         model, jax.device_get(ema_params), jnp.asarray(labels), jax.random.PRNGKey(config.seed + 1),
         sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
         guidance_channels=sampling.guidance_channels(s.guidance), clip_denoised=s.clip_denoised,
-        noise_schedule=config.diffusion.noise_schedule, diffusion_steps=config.diffusion.steps,
-        guidance_interval=tuple(s.guidance_interval) or None)
+        guidance_interval=tuple(s.guidance_interval) or None, **sampling.schedule_from_config(config))
     ncol = s.num_per_class if s.num_per_class > 1 else len(labels)
     grid = sampling.make_grid(decode(latents), ncol=ncol)
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
@@ -388,8 +415,9 @@ def log_metrics(workdir: str, step: int, scalars: dict, total_steps: int) -> Non
     """One console line per log step, and the same figures appended to workdir/metrics.jsonl."""
     eta = (total_steps - step) / max(scalars["steps_per_sec"], 1e-9)
     extra = f" mfu {scalars['mfu']:.1%}" if "mfu" in scalars else ""
-    print(f"step {step}/{total_steps}: loss {scalars['loss']:.4f} (mse {scalars['mse']:.4f} "
-          f"vb {scalars['vb']:.4f}) grad {scalars['grad_norm']:.3f} "
+    terms = f" (mse {scalars['mse']:.4f} vb {scalars['vb']:.4f})" if "vb" in scalars else ""
+    print(f"step {step}/{total_steps}: loss {scalars['loss']:.4f}{terms} "
+          f"grad {scalars['grad_norm']:.3f} "
           f"lr {scalars['learning_rate']:.2e} | {scalars['steps_per_sec']:.2f} steps/s "
           f"{scalars['images_per_sec']:.1f} img/s{extra} | eta {eta / 60:.1f} min", flush=True)
     workdir_lib.append_metrics(workdir, step, scalars)

@@ -126,7 +126,7 @@ class FidDuringTraining:
                 self.model, params, c, seed, chunk, split, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale,
                 guidance_channels=sampling.guidance_channels(e.guidance),
                 clip_denoised=self.meta["autoencoder"].startswith("identity"),
-                noise_schedule=self.config.diffusion.noise_schedule, diffusion_steps=self.config.diffusion.steps,
+                **sampling.schedule_from_config(self.config),
                 guidance_interval=tuple(e.get("guidance_interval", ())) or None)
             out.append(self._decode(np.asarray(latents) / self.meta["scaling_factor"]))
         return np.concatenate(out)[:num]

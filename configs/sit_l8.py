@@ -1,0 +1,9 @@
+"""SiT-L/8: DiT-L/8 trained with SiT's flow matching (Linear path, velocity prediction)."""
+
+from configs import default, sit
+
+
+def get_config():
+    config = sit.sit(default.get_config())
+    config.model.name = "DiT-L/8"
+    return config

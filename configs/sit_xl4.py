@@ -1,0 +1,9 @@
+"""SiT-XL/4: DiT-XL/4 trained with SiT's flow matching (Linear path, velocity prediction)."""
+
+from configs import default, sit
+
+
+def get_config():
+    config = sit.sit(default.get_config())
+    config.model.name = "DiT-XL/4"
+    return config
