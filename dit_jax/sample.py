@@ -43,7 +43,10 @@ _VAE = flags.DEFINE_string("vae", "stabilityai/sd-vae-ft-ema", "Autoencoder: a d
                            "hub id, or identity[:N] for pixel space.")
 _LABELS = flags.DEFINE_list("labels", ["207", "360", "387", "974", "88", "979", "417", "279"],
                             "Grid class labels.")
-_SAMPLER = flags.DEFINE_enum("sampler", "ddpm", list(sampling.SAMPLERS), "Sampler.")
+_SAMPLER = flags.DEFINE_enum(
+    "sampler", None, list(sampling.SAMPLERS + sampling.FLOW_SAMPLERS),
+    "DDPM models: ddpm, ddim, dpm++2m, dpm++3m (default ddpm); interpolant (SiT) models: euler, "
+    "heun, dopri5, sde-euler, sde-heun (default heun).")
 _STEPS = flags.DEFINE_integer("steps", 250, "Model evaluations per sample (DDPM/DDIM: respaced "
                               "from the training steps).")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta.")
@@ -86,7 +89,8 @@ def main(argv):
         if interval is not None and len(interval) != 2:
             raise ValueError(f"--guidance_interval must be lo,hi, got "
                              f"{','.join(_GUIDANCE_INTERVAL.value)}.")
-    name = f"{_SAMPLER.value}-{_STEPS.value}"
+    sampler = _SAMPLER.value or ("ddpm" if g.interpolant is None else "heun")
+    name = f"{sampler}-{_STEPS.value}"
     if _NUM_SAMPLES.value:
         if _NUM_SAMPLES.value < 0 or _PER_DEVICE_BATCH.value <= 0:
             raise ValueError("--num_samples and --per_device_batch must be positive.")
@@ -96,7 +100,7 @@ def main(argv):
         start = time.perf_counter()
         path = sampling.sample_eval_set(
             g, _OUTPUT.value, _NUM_SAMPLES.value, per_device_batch=_PER_DEVICE_BATCH.value,
-            sampler=_SAMPLER.value, steps=_STEPS.value, cfg_scale=cfg, guidance=guidance,
+            sampler=sampler, steps=_STEPS.value, cfg_scale=cfg, guidance=guidance,
             guidance_interval=interval, eta=_ETA.value, seed=_SEED.value, png_dir=_PNG_DIR.value)
         if path:
             print(f"{_NUM_SAMPLES.value} samples ({name}, cfg {cfg:g}) in "
@@ -114,7 +118,7 @@ def main(argv):
     cfg = 4.0 if _CFG_SCALE.value is None else _CFG_SCALE.value
     start = time.perf_counter()
     latents = sampling.sample_latents(
-        g.model, g.params, jnp.asarray(labels), jax.random.key(_SEED.value), sampler=_SAMPLER.value,
+        g.model, g.params, jnp.asarray(labels), jax.random.key(_SEED.value), sampler=sampler,
         steps=_STEPS.value, cfg_scale=cfg, eta=_ETA.value, guidance_channels=guidance,
         guidance_interval=interval, clip_denoised=g.pixel_space, **g.schedule)
     latents = np.asarray(latents)

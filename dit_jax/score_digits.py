@@ -17,7 +17,8 @@ from dit_jax.evaluation import digits
 _WORKDIR = flags.DEFINE_string("workdir", None, "A demo training workdir.")
 _SCALES = flags.DEFINE_list("cfg_scales", ["1", "2", "3", "4"], "Guidance scales to score.")
 _PER_CLASS = flags.DEFINE_integer("per_class", 50, "Samples per class.")
-_SAMPLER = flags.DEFINE_enum("sampler", "ddim", list(sampling.SAMPLERS), "Sampler.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS + sampling.FLOW_SAMPLERS),
+                             "Sampler of the run's objective (default: ddim, or heun for SiT).")
 _STEPS = flags.DEFINE_integer("steps", 50, "Sampling steps.")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the results as JSON here.")
 

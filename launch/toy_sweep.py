@@ -32,33 +32,8 @@ METRIC = "fd_digits"
 
 
 # ----------------------------------------------------------------------------------------
-# Frechet distance on digit-classifier features (dit_jax.evaluation.digits / metrics)
+# Scoring checkpoints (dit_jax.evaluation.digits.DigitScorer)
 # ----------------------------------------------------------------------------------------
-
-class Evaluator:
-    """FD-digits of class-conditional samples against the held-out real digits."""
-
-    def __init__(self, size: int, log=print):
-        import numpy as np
-        from dit_jax.evaluation import digits, metrics
-        self.size = size
-        self.classifier, self.classifier_accuracy = digits.cached_classifier(size, log=log)
-        (x_train, _), (x_held, _) = digits._split(0, size)  # the classifier's own train / held-out split
-        self.reference = metrics.compute_statistics(digits.features(self.classifier, x_held, size))
-        subset = x_train[np.random.default_rng(1).permutation(len(x_train))[: len(x_held)]]
-        self.floor = self.fd(subset)
-
-    def fd(self, images) -> float:
-        from dit_jax.evaluation import digits, metrics
-        stats = metrics.compute_statistics(digits.features(self.classifier, images, self.size))
-        return float(stats.frechet_distance(self.reference))
-
-    def score(self, images, labels) -> dict:
-        import numpy as np
-        from dit_jax.evaluation import digits
-        accuracy = float(np.mean(digits.predict(self.classifier, images, self.size) == labels))
-        return {METRIC: self.fd(images), "digit_accuracy": accuracy}
-
 
 def sample_checkpoint(workdir: str, step: int, per_class: int, *, sampler: str = "ddim", steps: int = 50,
                       seed: int = 0):
@@ -75,7 +50,7 @@ def sample_checkpoint(workdir: str, step: int, per_class: int, *, sampler: str =
     return np.asarray(g.decoder()(latents)), labels
 
 
-def evaluate_run(workdir: str, evaluator: Evaluator, per_class: int, *, sampler: str, steps: int,
+def evaluate_run(workdir: str, evaluator, per_class: int, *, sampler: str, steps: int,
                  log=print) -> list[dict]:
     """Scores every kept checkpoint of a run not yet in its eval.jsonl; returns the new records."""
     done = {int(r["step"]) for r in report.read_jsonl(os.path.join(workdir, "eval.jsonl")) if METRIC in r}
@@ -145,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     evaluator = None
     for name in names:
         if evaluator is None:
-            evaluator = Evaluator(16)
+            from dit_jax.evaluation import digits
+            evaluator = digits.DigitScorer(16)
             print(f"digit classifier: held-out accuracy {evaluator.classifier_accuracy:.1%}; FD floor (500 real "
                   f"training digits vs the 500 held out): {evaluator.floor:.2f}")
             with open(os.path.join(root, "fd_reference.json"), "w") as f:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from dit_jax import files, sampling
 from dit_jax.data import sources
+from dit_jax.evaluation import metrics
 
 
 class DigitClassifier(nn.Module):
@@ -134,11 +135,37 @@ def score_samples(classifier_params, images: np.ndarray, labels: np.ndarray, siz
     return {"accuracy": float(np.mean(pred == labels)), "per_class": per_class}
 
 
+class DigitScorer:
+    """FD-digits and accuracy of class-conditional samples: the Frechet distance of the
+    classifier's penultimate features to those of its 500 held-out real digits, and the
+    classifier's accuracy on the requested labels. `floor` is the distance of as many real
+    training digits (what a perfect sampler would score)."""
+
+    def __init__(self, size: int, log=print):
+        self.size = size
+        self.classifier, self.classifier_accuracy = cached_classifier(size, log=log)
+        (x_train, _), (x_held, _) = _split(0, size)  # the classifier's own train / held-out split
+        self.reference = metrics.compute_statistics(features(self.classifier, x_held, size))
+        subset = x_train[np.random.default_rng(1).permutation(len(x_train))[: len(x_held)]]
+        self.floor = self.fd(subset)
+
+    def fd(self, images: np.ndarray) -> float:
+        """FD-digits of images [N, S, S, 1] in [-1, 1]."""
+        stats = metrics.compute_statistics(features(self.classifier, images, self.size))
+        return float(stats.frechet_distance(self.reference))
+
+    def score(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        accuracy = float(np.mean(predict(self.classifier, images, self.size) == labels))
+        return {"fd_digits": self.fd(images), "digit_accuracy": accuracy}
+
+
 def evaluate_workdir(workdir: str, cfg_scales: Sequence[float], per_class: int, *,
-                     sampler: str = "ddim", steps: int = 50, seed: int = 0, log=print) -> dict:
+                     sampler: Optional[str] = None, steps: int = 50, seed: int = 0,
+                     log=print) -> dict:
     """Samples the latest EMA checkpoint of a demo run at each cfg scale (every channel
-    guided) and scores it."""
+    guided; `sampler` by default ddim, or heun for an interpolant run) and scores it."""
     g = sampling.generator_from_workdir(workdir)
+    sampler = sampler or ("ddim" if g.interpolant is None else "heun")
     classifier, held_out = cached_classifier(g.image_size, log=log)
     decode = g.decoder()
     labels = np.repeat(np.arange(g.model.num_classes, dtype=np.int32), per_class)
