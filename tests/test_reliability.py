@@ -465,7 +465,7 @@ def test_damaged_torch_and_safetensors_files_are_clear_errors(tmp_path, data_dir
     cases = {
         write("overlap.safetensors", overlap): "overlaps tensor 'a'",
         write("gap.safetensors", gap, data=data + b"\0" * 4): "leaves a gap of 4 bytes",
-        write("beyond.safetensors", length=len(raw)): "header claims",
+        write("beyond.safetensors", length=2 * len(raw)): "header claims",  # past the end of the file
         write("short.safetensors", data=data[:-4]): "claims bytes",
         write("tail.safetensors", data=data + b"\0" * 8): "the tensors end at byte 40",
         write("entry.safetensors", header={"a": {"dtype": "F32"}}): "malformed header entry",
