@@ -105,17 +105,18 @@ def model_fn(model: models.DiT, params, labels: jax.Array, cfg_scale: float,
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(9)))
-def _sample(model, diffusion, sampler, steps, cfg_scale, guidance_channels, guidance_interval, eta,
+def _sample(model, process, sampler, steps, cfg_scale, guidance_channels, guidance_interval, eta,
             clip_denoised, params, labels, z, key):
+    """`process` is how the model was trained: a GaussianDiffusion or an Interpolant."""
     fn = model_fn(model, params, labels, cfg_scale, guidance_channels, guidance_interval)
-    if isinstance(diffusion, interpolants.Interpolant):
-        return flow_sample(diffusion, sampler, steps, fn, z, key)
+    if isinstance(process, interpolants.Interpolant):
+        return flow_sample(process, sampler, steps, fn, z, key)
     if sampler == "ddpm":
-        return diffusion.p_sample_loop(fn, z, key=key, clip_denoised=clip_denoised)
+        return process.p_sample_loop(fn, z, key=key, clip_denoised=clip_denoised)
     if sampler == "ddim":
-        return diffusion.ddim_sample_loop(fn, z, eta=eta, key=key, clip_denoised=clip_denoised)
+        return process.ddim_sample_loop(fn, z, eta=eta, key=key, clip_denoised=clip_denoised)
     order = {"dpm++2m": 2, "dpm++3m": 3}[sampler]
-    return solvers.dpm_solver_sample_loop(fn, z, steps, order=order, schedule=diffusion)
+    return solvers.dpm_solver_sample_loop(fn, z, steps, order=order, schedule=process)
 
 
 def invert_latents(model: models.DiT, params, latents: jax.Array, labels: jax.Array, *,

@@ -190,7 +190,7 @@ def test_guidance_interval_guides_only_inside_it():
 
     x = jnp.ones((3, 2, 2, 4))
     t = jnp.array([100, 500, 900])
-    cond, uncond = apply(x, t, labels), apply(x, t, jnp.full((3,), 9))
+    cond = apply(x, t, labels)
     guided = diffusion.cfg_model_fn(apply, labels, 9, 3.0, None)(x, t)
     out = diffusion.cfg_model_fn(apply, labels, 9, 3.0, None, guidance_interval=(200, 600))(x, t)
     np.testing.assert_allclose(out[1], guided[1])

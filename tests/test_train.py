@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from dit_jax import checkpoints, models, param_mapping, sampling, train, workdir as workdir_lib
+from dit_jax import models, param_mapping, sampling, train, workdir as workdir_lib
 
 sys.path.insert(0, str(REPO))
 from configs import demo  # noqa: E402

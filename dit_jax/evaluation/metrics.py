@@ -515,20 +515,20 @@ def evaluate_files(ref_path: str, sample_path: str, extractor,
                    fid_method: str = "sqrtm", log=print) -> dict:
     """ADM's metrics of the sample batch file against the reference batch file (see the module
     docstring); returns {'inception_score'?, 'fid', 'sfid', 'precision'?, 'recall'?}."""
-    ref = metrics.read_reference_batch(ref_path)
-    sample = metrics.read_reference_batch(sample_path)
+    ref = read_reference_batch(ref_path)
+    sample = read_reference_batch(sample_path)
     if not sample.num_images:
         raise ValueError(f"{sample_path}: a sample batch needs images (arr_0).")
     ref_features = None
     if ref.num_images:
         ref_features = _features(extractor, ref, "reference", log)
     sample_features = _features(extractor, sample, "samples", log)
-    return metrics.evaluate_features(
+    return evaluate_features(
         sample_features, ref_features, ref_stats=ref.stats, ref_spatial_stats=ref.spatial_stats,
         sample_stats=sample.stats, sample_spatial_stats=sample.spatial_stats, fid_method=fid_method)
 
 
-def _features(extractor, batch: metrics.ReferenceBatch, what: str, log) -> dict:
+def _features(extractor, batch: ReferenceBatch, what: str, log) -> dict:
     start = time.perf_counter()
     features = extractor.features_of_batches(batch.iter_images(extractor.batch_size))
     seconds = time.perf_counter() - start
@@ -541,7 +541,7 @@ def make_reference(output: str, source: str, extractor_factory, *, image_size: i
                    num_images: int, split: str, seed: int, batch_size: int) -> None:
     if num_images < 0:
         raise ValueError(f"--num_images must be >= 0, got {num_images}.")
-    batches = metrics.iter_source_images(source, image_size, num=num, split=split, seed=seed, batch_size=batch_size)
+    batches = iter_source_images(source, image_size, num=num, split=split, seed=seed, batch_size=batch_size)
     extractor = extractor_factory()
     count = 0
 
@@ -552,8 +552,8 @@ def make_reference(output: str, source: str, extractor_factory, *, image_size: i
             yield batch
 
     start = time.perf_counter()
-    reference = metrics.reference_from_images(extractor, counted(), keep_images=num_images, seed=seed)
-    metrics.write_reference_batch(output, **reference)
+    reference = reference_from_images(extractor, counted(), keep_images=num_images, seed=seed)
+    write_reference_batch(output, **reference)
     kept = 0 if reference["images"] is None else len(reference["images"])
     print(f"wrote {output}: statistics (mu, sigma, mu_s, sigma_s) of {count} images of {source} at "
           f"{image_size}x{image_size}, {kept} of them as arr_0 ({time.perf_counter() - start:.1f}s)")
