@@ -158,3 +158,16 @@ def test_interpolant_run_trains_resumes_exactly_and_samples(tmp_path):
     noise, recon = sampling.invert_latents(g.model, g.params, outs[1], labels, steps=8,
                                            **g.schedule)
     np.testing.assert_allclose(np.asarray(recon), np.asarray(outs[1]), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py")
+                                        if p.stem != "__init__"))
+def test_every_config_file_is_valid(name):
+    """Each config (the 12 DiTs, the 12 SiTs, the demos, the bases) passes the checks made
+    before training, on a dataset of its own resolution."""
+    config = __import__(f"configs.{name}", fromlist=["get_config"]).get_config()
+    size = config.data.image_size
+    meta = {"image_size": size, "num_classes": 10 if config.data.dir == "embedded" else 1000,
+            "latent_shape": [size // 8, size // 8, 4]}
+    train.validate_config(config, meta, num_devices=1)
+    assert config.objective in train.OBJECTIVES
