@@ -116,7 +116,8 @@ def _sample(model, process, sampler, steps, cfg_scale, guidance_channels, guidan
     if sampler == "ddim":
         return process.ddim_sample_loop(fn, z, eta=eta, key=key, clip_denoised=clip_denoised)
     order = {"dpm++2m": 2, "dpm++3m": 3}[sampler]
-    return solvers.dpm_solver_sample_loop(fn, z, steps, order=order, schedule=process)
+    return solvers.dpm_solver_sample_loop(fn, z, steps, order=order, schedule=process,
+                                          clip_denoised=clip_denoised)
 
 
 def invert_latents(model: models.DiT, params, latents: jax.Array, labels: jax.Array, *,

@@ -170,8 +170,10 @@ def dpm_solver_schedule(num_steps: int, *, order: int = 2, spacing: str = "linsp
 def dpm_solver_sample_loop(model_fn: ModelFn, noise: Array, num_steps: int = 20, *,
                            order: int = 2, spacing: str = "linspace", schedule: Schedule = None,
                            lower_order_final: bool = True, steps_offset: int = 0,
-                           return_trajectory: bool = False):
+                           clip_denoised: bool = False, return_trajectory: bool = False):
     """DPM-Solver++ from x_T = `noise` (init sigma 1, as diffusers) in `num_steps` model calls.
+    clip_denoised clips each data prediction to [-1, 1] (static thresholding; for pixel space,
+    as the DDPM/DDIM loops' clip_denoised).
 
     Returns the final latents, or (latents, trajectory [num_steps, *noise.shape]) where
     trajectory[i] is x after step i, as diffusers' scheduler.step returns it."""
@@ -187,6 +189,8 @@ def dpm_solver_sample_loop(model_fn: ModelFn, noise: Array, num_steps: int = 20,
         t, a, s, k = inputs
         eps = model_fn(x, jnp.full((n,), t, jnp.int32))[..., :c].astype(jnp.float32)
         d0 = (x - s * eps) / a
+        if clip_denoised:
+            d0 = jnp.clip(d0, -1.0, 1.0)
         x = k[0] * x + k[1] * d0 + k[2] * d1 + k[3] * d2
         return (x, d0, d1), x if return_trajectory else None
 

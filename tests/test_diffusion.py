@@ -197,3 +197,16 @@ def test_guidance_interval_guides_only_inside_it():
     np.testing.assert_allclose(out[0], cond[0])
     np.testing.assert_allclose(out[2], cond[2])
     assert not np.allclose(guided[0], cond[0])
+
+
+def test_dpm_solver_clip_denoised_clips_the_data_predictions():
+    """Pixel-space runs clip x0 predictions (as DDPM/DDIM do): without it a cosine schedule's
+    tiny alpha at t = 999 blows the first data prediction up."""
+    from dit_jax import solvers
+    schedule = diffusion.create_diffusion("", noise_schedule="cosine")
+    fn = lambda x, t: jnp.zeros_like(x)  # eps = 0: x0 = x / alpha
+    z = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+    free = solvers.dpm_solver_sample_loop(fn, z, 10, schedule=schedule)
+    clipped = solvers.dpm_solver_sample_loop(fn, z, 10, schedule=schedule, clip_denoised=True)
+    assert float(jnp.abs(free).max()) > 10
+    assert float(jnp.abs(clipped).max()) <= 1.0

@@ -151,14 +151,17 @@ def test_invert_cli(tmp_path):
 
 
 def test_samplers_use_the_training_noise_schedule(tmp_path, monkeypatch):
-    """A run trained on the cosine schedule is sampled on the cosine schedule."""
+    """A run trained on the cosine schedule is sampled on the cosine schedule, with the run's
+    configured guidance (channels and interval) unless told otherwise."""
     from dit_jax import diffusion, train
     from test_train import tiny_config
     monkeypatch.setenv("DIT_JAX_CACHE", str(tmp_path / "cache"))
-    config = tiny_config(**{"num_train_steps": 1, "diffusion.noise_schedule": "cosine", "mesh.num_devices": 1})
+    config = tiny_config(**{"num_train_steps": 1, "diffusion.noise_schedule": "cosine", "mesh.num_devices": 1,
+                            "sample.guidance": "all", "sample.guidance_interval": (100, 900)})
     train.train_and_evaluate(config, str(tmp_path / "w"))
     s = sampling.generator_from_workdir(str(tmp_path / "w"))
-    assert s.schedule == {"noise_schedule": "cosine", "diffusion_steps": 1000}
+    assert s.schedule == {"noise_schedule": "cosine", "diffusion_steps": 1000, "interpolant": None}
+    assert s.guidance == "all" and s.guidance_interval == (100, 900)
     s.params = _perturbed_params(s.model)
     labels = jnp.arange(4) % s.model.num_classes
     shape = (4, s.model.input_size, s.model.input_size, s.model.in_channels)
