@@ -104,12 +104,16 @@ def state_fingerprint(state, data_state: Optional[dict] = None) -> dict:
 
 def _digest_leaves(leaves):
     """Leaves this process holds whole are digested on the host (no device programs run beside
-    the training step's); others (multi-host sharded) by one small compiled program per shape."""
+    the training step's): fully addressable ones, and replicated ones from a local copy. Others
+    (sharded over several hosts) by one small compiled program per shape."""
     global _DIGEST_FN
     out = []
     for leaf in leaves:
         if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
             out.append(_leaf_digest_host(np.asarray(jax.device_get(leaf))))
+            continue
+        if leaf.sharding.is_fully_replicated:
+            out.append(_leaf_digest_host(np.asarray(leaf.addressable_data(0))))
             continue
         if _DIGEST_FN is None:
             _DIGEST_FN = jax.jit(_leaf_digest)
