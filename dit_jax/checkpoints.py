@@ -104,12 +104,16 @@ def state_fingerprint(state, data_state: Optional[dict] = None) -> dict:
 
 def _digest_leaves(leaves):
     """Leaves this process holds whole are digested on the host (no device programs run beside
-    the training step's); others (multi-host sharded) by one small compiled program per shape."""
+    the training step's): fully addressable ones, and replicated ones from a local copy. Others
+    (sharded over several hosts) by one small compiled program per shape."""
     global _DIGEST_FN
     out = []
     for leaf in leaves:
         if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
             out.append(_leaf_digest_host(np.asarray(jax.device_get(leaf))))
+            continue
+        if leaf.sharding.is_fully_replicated:
+            out.append(_leaf_digest_host(np.asarray(leaf.addressable_data(0))))
             continue
         if _DIGEST_FN is None:
             _DIGEST_FN = jax.jit(_leaf_digest)
@@ -184,15 +188,30 @@ def _drop_late_callbacks_to_closed_loops() -> None:
     sys.unraisablehook = hook
 
 
+def _local_target(state_dir, where: str):
+    """The saved tree as ShapeDtypeStructs on this process's first device: readers (sampling,
+    tests) load a checkpoint whatever devices or processes wrote it."""
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(str(state_dir))
+    except Exception as e:  # a missing or damaged metadata file
+        raise CheckpointError(f"{where} cannot be restored ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]})") from None
+    tree = getattr(metadata, "item_metadata", metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+
+
 def restore_checkpoint(manager, step: int, abstract_state=None, shardings=None, log=print):
     """(state, data_state) of training checkpoint `step`, placed as `abstract_state` with
     `shardings` (or as saved, when None) and verified against the fingerprint saved with it.
     Raises CheckpointError naming the step and what is wrong with it."""
-    target = None
+    where = f"checkpoint step {step} in {manager.directory}"
     if abstract_state is not None:
         target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                         abstract_state, shardings)
-    where = f"checkpoint step {step} in {manager.directory}"
+    else:
+        target = _local_target(_step_dir(manager, step) / "state", where)
     items = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
     has_fingerprint = (_step_dir(manager, step) / FINGERPRINT_ITEM).exists()
     if has_fingerprint:

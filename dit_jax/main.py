@@ -2,7 +2,8 @@
 
 Config overrides: `--config.batch_size=512 --config.model.remat=True`. Starting in a workdir that
 has checkpoints resumes from the latest. Multi-host runs initialise jax.distributed from the
-environment (Cloud TPU pods, SLURM) or from --coordinator_address/--num_processes/--process_id.
+environment (launch.local, Cloud TPU pods, SLURM) or from --coordinator_address/--num_processes/
+--process_id.
 """
 
 from absl import flags

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from dit_jax import cli, sampling
+from dit_jax import cli, sampling, sharding
 
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "A training workdir: its config, autoencoder and EMA weights.")
@@ -70,6 +70,7 @@ _PNG_DIR = flags.DEFINE_string("png_dir", None, "With --num_samples: also write 
 
 
 def main(argv):
+    sharding.maybe_initialize_distributed()  # several processes: launch.local, TPU pods, SLURM
     if _WORKDIR.value and _CHECKPOINT.value:
         raise ValueError("give --workdir (a training run) or --checkpoint, not both.")
     if _WORKDIR.value:

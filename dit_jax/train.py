@@ -260,13 +260,17 @@ def write_sample_grid(model, ema_params, config, step: int, workdir: str, writer
 # ----------------------------------------------------------------------------------------
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+    """Turns SIGTERM into a flag the loop checks between steps. With several processes, jax's
+    preemption sync manager takes SIGTERM instead and `manager.reached_preemption(step)` names
+    the same step in every process (a flag per process could stop them at different steps)."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
+        if jax.process_count() > 1 and _preemption_sync_manager() is not None:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
@@ -279,6 +283,14 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_sync_manager():
+    try:
+        from jax._src import distributed
+        return distributed.global_state.preemption_sync_manager
+    except (ImportError, AttributeError):
+        return None
 
 
 def check_finite(state: TrainState, manager) -> None:

@@ -226,17 +226,55 @@ def test_pipeline_is_deterministic_and_resumes_exactly(embedded_dir):
         np.testing.assert_array_equal(x["latents"], y["latents"])
 
 
-def test_pipeline_epochs_cover_the_data_and_shard_by_process(embedded_dir):
+def test_pipeline_epochs_cover_the_data(embedded_dir):
     records = pipeline.LatentRecords(embedded_dir)
     n = len(records)
     ds, _ = pipeline.make_dataset(embedded_dir, global_batch_size=100, seed=3)
     labels = np.concatenate([ds[i]["labels"] for i in range(n // 100)])
     assert np.bincount(labels).tolist() == [500] * 10  # one epoch = every example once
-    shares = [pipeline.make_dataset(embedded_dir, global_batch_size=100, seed=3, process_index=i, process_count=2)[0]
-              for i in range(2)]
-    assert shares[0][0]["latents"].shape[0] == 50
     with pytest.raises(ValueError, match="not divisible"):
         pipeline.make_dataset(embedded_dir, global_batch_size=101, seed=0, process_count=2)
+
+
+class _ProcessSharding:
+    """What `process_rows` asks of a sharding, as process `p` of a mesh whose devices hold
+    `per_device` rows each, `devices` per process, process-major or interleaved."""
+
+    def __init__(self, p, processes, devices, interleaved=False):
+        self.p, self.processes, self.devices, self.interleaved = p, processes, devices, interleaved
+
+    def addressable_devices_indices_map(self, shape):
+        total = self.processes * self.devices
+        per = shape[0] // total
+        slots = ([d * self.processes + self.p for d in range(self.devices)] if self.interleaved
+                 else [self.p * self.devices + d for d in range(self.devices)])
+        return {f"dev{s}": (slice(s * per, (s + 1) * per),) for s in slots}
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_global_batches_do_not_depend_on_the_process_count(embedded_dir, interleaved):
+    """Global batch k (examples, flips, posterior noise) is the same read by 1, 2 or 4
+    processes; each process reads only its rows, the rows are disjoint and together are the
+    batch. Epoch boundaries are crossed (5000 examples, batches of 96)."""
+    B, ks = 96, [0, 1, 52, 53]  # batch 52 spans the first two epochs
+    one, _ = pipeline.make_dataset(embedded_dir, global_batch_size=B, seed=7)
+    whole = {k: one[k] for k in ks}
+    for processes in (2, 4):
+        shares = []
+        for p in range(processes):
+            rows = pipeline.process_rows(_ProcessSharding(p, processes, 8 // processes, interleaved), B)
+            assert len(rows) == B // processes
+            ds, _ = pipeline.make_dataset(embedded_dir, global_batch_size=B, seed=7, rows=rows)
+            shares.append((rows, {k: ds[k] for k in ks}))
+        all_rows = np.concatenate([rows for rows, _ in shares])
+        assert sorted(all_rows.tolist()) == list(range(B))  # disjoint, and cover the batch
+        for k in ks:
+            for key in ("latents", "labels"):
+                got = np.empty_like(whole[k][key])
+                for rows, batches in shares:
+                    got[rows] = batches[k][key]
+                np.testing.assert_array_equal(got, whole[k][key])
+    assert pipeline.even_rows(B, 1, 4).tolist() == list(range(24, 48))
 
 
 def test_pipeline_flip_posterior_and_scale(tmp_path):

@@ -1,7 +1,10 @@
 """Launchers: the commands their dry runs print, and one-line errors for bad input."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -191,3 +194,73 @@ def test_cli_subprocess_one_line_no_traceback():
         res = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=60)
         assert res.returncode == 1 and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error:"), res.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# Local multi-process launcher (launch.local)
+# ----------------------------------------------------------------------------------------
+
+def _local(*args, timeout=60, **kwargs):
+    return subprocess.run([sys.executable, "-m", "launch.local", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def test_local_launcher_env_prefix_and_status():
+    """Each process gets the coordinator, its id and its device count; output is prefixed."""
+    script = ("import os; print(os.environ['JAX_PROCESS_ID'], os.environ['JAX_NUM_PROCESSES'], "
+              "os.environ['JAX_COORDINATOR_ADDRESS'], os.environ['XLA_FLAGS'])")
+    res = _local("--num_processes=3", "--devices_per_process=4", "--", sys.executable, "-c", script,
+                 env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --foo"})
+    assert res.returncode == 0, res.stderr
+    lines = sorted(res.stdout.splitlines())
+    assert [line[:4] for line in lines] == ["[0] ", "[1] ", "[2] "]
+    addresses = set()
+    for i, line in enumerate(lines):
+        pid, n, address, flags = line[4:].split(" ", 3)
+        assert (pid, n) == (str(i), "3") and address.startswith("127.0.0.1:")
+        assert flags == "--foo --xla_force_host_platform_device_count=4"
+        addresses.add(address)
+    assert len(addresses) == 1
+
+
+def test_local_launcher_stops_the_others_when_one_fails():
+    """Process 1 exits 3 while 0 sleeps: 0 is stopped at once and the launcher exits 3."""
+    script = ("import os, sys, time\n"
+              "if os.environ['JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
+              "time.sleep(60)")
+    start = time.monotonic()
+    res = _local("--num_processes=2", "--", sys.executable, "-c", script)
+    assert res.returncode == 3, res.stderr
+    assert time.monotonic() - start < 20
+    assert "process 1 exited with status 3; stopping the others" in res.stderr
+
+
+def test_local_launcher_forwards_sigterm():
+    """SIGTERM to the launcher reaches every process; each handles it and exits 0."""
+    script = ("import os, signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *a: (print('got SIGTERM', flush=True), sys.exit(0)))\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-m", "launch.local", "--num_processes=2", "--",
+                             sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ready = 0
+    while ready < 2:
+        ready += "ready" in proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert sorted(line for line in out.splitlines() if "SIGTERM" in line) == [
+        "[0] got SIGTERM", "[1] got SIGTERM"]
+
+
+def test_local_launcher_reports_a_killed_process_as_128_plus_signal():
+    script = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    res = _local("--num_processes=1", "--", sys.executable, "-c", script)
+    assert res.returncode == 137 and "failed with status 137" in res.stderr
+
+
+def test_local_launcher_usage_errors(capsys):
+    from launch import local
+    assert fails(local, capsys, "--num_processes=2").startswith("error: no command")
+    assert "positive" in fails(local, capsys, "--num_processes=0", "--", "true")

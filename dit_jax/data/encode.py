@@ -17,7 +17,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 
 from dit_jax import autoencoder as autoencoder_lib
-from dit_jax import cli
+from dit_jax import cli, sharding
 from dit_jax.data import latents, sources
 
 _SOURCE = flags.DEFINE_string("source", "embedded", "folder:<root>, imagenet:<manual_dir>, tfds:<name>[@dir], embedded.")
@@ -37,6 +37,8 @@ def main(argv):
         raise ValueError("--output is required.")
     if _BATCH.value <= 0:
         raise ValueError(f"--batch_size must be positive, got {_BATCH.value}.")
+    if _PROCESS_INDEX.value is None:  # several processes: launch.local, TPU pods, SLURM
+        sharding.maybe_initialize_distributed()
     process_index = jax.process_index() if _PROCESS_INDEX.value is None else _PROCESS_INDEX.value
     process_count = jax.process_count() if _PROCESS_COUNT.value is None else _PROCESS_COUNT.value
     if not 0 <= process_index < process_count:
