@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import reference_path
+from conftest import load_reference, nhwc, reference_path
 import safetensors.numpy
 
 from dit_jax import diffusers_format, diffusion, models, param_mapping, solvers, state_dicts, weights
@@ -26,20 +26,12 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def ref():
-    base = reference_path("DIFFUSERS_REFERENCE", "diffusers_tiny")
-    npz, sidecar = base.with_suffix(".npz"), base.with_suffix(".json")
-    assert npz.is_file() and sidecar.is_file(), f"diffusers reference fixture not found at {base}"
-    data = dict(np.load(npz))
-    meta = json.loads(sidecar.read_text())
+    base, data, meta = load_reference("DIFFUSERS_REFERENCE", "diffusers_tiny")
     folder = base.parent / meta["diffusers_folder"]["path_as_generated"]
     model = models.DiT(**meta["model"])
     sd = {k[len("state_dict/"):]: v for k, v in data.items() if k.startswith("state_dict/")}
     params = {"params": param_mapping.dit_params_from_state_dict(sd, model)}
     return data, meta, model, params, folder
-
-
-def nhwc(a):
-    return jnp.asarray(np.moveaxis(np.asarray(a), -3, -1))
 
 
 def assert_close(ours, theirs, name):

@@ -7,14 +7,13 @@ sizes, patch sizes, class counts, batch sizes) runs through the same test. Toler
 each reference array's max-abs value. Arrays in the fixture are NCHW; ours are NHWC.
 """
 
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import reference_path
+from conftest import load_reference, nhwc, nchw
 from dit_jax import diffusion, models, param_mapping, weights
 
 TOL = 1e-4
@@ -22,22 +21,11 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def ref():
-    base = reference_path("DIT_REFERENCE", "dit_tiny")
-    npz, sidecar = base.with_suffix(".npz"), base.with_suffix(".json")
-    assert npz.is_file() and sidecar.is_file(), f"DiT reference fixture not found at {base}"
-    data = dict(np.load(npz))
-    meta = json.loads(sidecar.read_text())
+    base, data, meta = load_reference("DIT_REFERENCE", "dit_tiny")
+    npz = base.with_suffix(".npz")
     model = models.DiT(**meta["model"])
     params = {"params": weights.load_dit_params(str(npz), model, prefix="state_dict/")}
     return data, model, params
-
-
-def nhwc(a):
-    return jnp.asarray(np.transpose(a, (0, 2, 3, 1)))
-
-
-def nchw(a):
-    return np.transpose(np.asarray(a), (0, 3, 1, 2))
 
 
 def ints(a):

@@ -6,14 +6,13 @@ importer. Tolerance: 1e-4 of each reference array's max-abs value (dopri5: the s
 tolerance, since a port's adaptive steps differ). Arrays in the fixture are NCHW; ours are NHWC.
 """
 
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import reference_path
+from conftest import load_reference, nhwc, nchw
 from dit_jax import diffusion, interpolants, models, weights
 
 TOL = 1e-4
@@ -22,23 +21,11 @@ DOPRI5_TOL = 1e-3  # the reference run's rtol: a port's adaptive steps agree to 
 
 @pytest.fixture(scope="module")
 def ref():
-    base = reference_path("SIT_REFERENCE", "sit_tiny")
-    npz, sidecar = base.with_suffix(".npz"), base.with_suffix(".json")
-    assert npz.is_file() and sidecar.is_file(), f"SiT reference fixture not found at {base}"
-    data = dict(np.load(npz))
-    meta = json.loads(sidecar.read_text())
+    base, data, meta = load_reference("SIT_REFERENCE", "sit_tiny")
+    npz = base.with_suffix(".npz")
     model = models.DiT(**meta["model"])
     params = {"params": weights.load_dit_params(str(npz), model, prefix="state_dict/")}
     return data, meta, model, params
-
-
-def nhwc(a):
-    a = np.asarray(a)
-    return jnp.asarray(np.moveaxis(a, -3, -1))
-
-
-def nchw(a):
-    return np.moveaxis(np.asarray(a), -1, -3)
 
 
 def ints(a):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import reference_path
+from conftest import load_reference, nhwc
 from dit_jax import state_dicts, vae
 
 TOL = 1e-4
@@ -25,11 +25,8 @@ BF16_TOL = 5e-2
 
 @pytest.fixture(scope="module")
 def ref():
-    base = reference_path("VAE_REFERENCE", "vae_tiny")
-    npz, sidecar = base.with_suffix(".npz"), base.with_suffix(".json")
-    assert npz.is_file() and sidecar.is_file(), f"VAE reference fixture not found at {base}"
-    data = dict(np.load(npz))
-    meta = json.loads(sidecar.read_text())
+    base, data, meta = load_reference("VAE_REFERENCE", "vae_tiny")
+    npz = base.with_suffix(".npz")
     config = vae.VAEConfig.from_dict(meta["config"])
     model = vae.AutoencoderKL(config)
     params = vae.vae_params_from_state_dict(state_dict(data, "state_dict/"), config, source=str(npz))
@@ -50,10 +47,6 @@ def decode_fn(ref):
 
 def state_dict(data, prefix):
     return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
-
-
-def nhwc(a):
-    return np.transpose(np.asarray(a), (0, 2, 3, 1))
 
 
 def rel_err(ours, theirs):
