@@ -78,18 +78,20 @@ def sample_latents(model: models.DiT, params, labels: jax.Array, key: jax.Array,
         kind = "a DDPM" if interpolant is None else "an interpolant"
         raise ValueError(f"Unknown sampler {sampler!r} for {kind} model; choose one of "
                          f"{', '.join(names)}.")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}.")
-    # DPM-Solver++ picks its own timesteps on the full schedule; the others respace it.
-    diffusion = diffusion_lib.create_diffusion(
-        "" if sampler.startswith("dpm") else str(steps), learn_sigma=model.learn_sigma,
-        noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
+    if steps < (2 if sampler in ("ddpm", "ddim") else 1):
+        raise ValueError(f"steps must be at least {2 if sampler in ('ddpm', 'ddim') else 1} for "
+                         f"{sampler}, got {steps}.")
+    if interpolant is None:  # DPM-Solver++ picks its timesteps on the full schedule
+        process = diffusion_lib.create_diffusion(
+            "" if sampler.startswith("dpm") else str(steps), learn_sigma=model.learn_sigma,
+            noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
+    else:
+        process = interpolant
     noise_key, loop_key = jax.random.split(key)
     if noise is None:
         shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
         noise = jax.random.normal(noise_key, shape, jnp.float32)
     interval = None if guidance_interval is None else tuple(float(v) for v in guidance_interval)
-    process = diffusion if interpolant is None else interpolant
     return _sample(model, process, sampler, int(steps), float(cfg_scale), guidance_channels,
                    interval, float(eta), bool(clip_denoised), params, labels, noise, loop_key)
 
