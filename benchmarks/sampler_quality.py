@@ -8,6 +8,7 @@ of its penultimate features to the 500 held-out real digits), with the sampling 
   python benchmarks/sampler_quality.py --workdir=workdir/demo --samplers=dpm++2m --steps=20 \\
       --guidance_intervals="none;0,500;0,800;200,1000" --out=docs/samplers/interval
 
+`--combine=a/results.json,b/results.json --out=DIR` merges earlier results into one table and plot.
 Each workdir is sampled with every sampler of its objective (DDPM: ddpm, ddim, dpm++2m,
 dpm++3m; interpolant: euler, heun, sde-euler, sde-heun, and dopri5 once) from the same labels
 and seed. Images/s is timed on a second call with a batch of 100 (compile excluded), guided
@@ -60,7 +61,9 @@ def parse_intervals(text: str):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", action="append", required=True)
+    parser.add_argument("--workdir", action="append", default=[])
+    parser.add_argument("--combine", default="", help="comma list of results.json to merge "
+                        "into one table and plot (no sampling)")
     parser.add_argument("--samplers", default="", help="comma list (default: all of each run's)")
     parser.add_argument("--steps", default="10,20,50,250")
     parser.add_argument("--per_class", type=int, default=50)
@@ -71,6 +74,10 @@ def main():
     parser.add_argument("--no_timing", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.combine:
+        return combine(args.combine.split(","), args.out)
+    if not args.workdir:
+        parser.error("give --workdir (or --combine)")
     os.makedirs(args.out, exist_ok=True)
     steps_list = [int(s) for s in args.steps.split(",")]
     rows = []
@@ -107,7 +114,13 @@ def main():
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
                 cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
                 classifier_held_out_accuracy=scorer.classifier_accuracy, fd_floor=scorer.floor)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    write_outputs(rows, meta, args.out)
+
+
+def write_outputs(rows: list, meta: dict, out: str) -> None:
+    """results.json, results.md (a table) and quality_vs_nfe.png (FD-digits and accuracy against
+    model evaluations, one line per run kind and sampler) in `out`."""
+    with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = ["| run | sampler | model evaluations | guidance interval | digit accuracy | FD-digits "
              "| images/s |", "|---|---|---|---|---|---|---|"]
@@ -118,7 +131,7 @@ def main():
         lines.append(f"| {r['objective']} | {r['sampler']} | {nfe} | {interval} | "
                      f"{r['digit_accuracy']:.1%} | {r['fd_digits']:.1f} | {rate} |")
     table = "\n".join(lines)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")
     print(table)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -137,11 +150,21 @@ def main():
         ax.set_xlabel("model evaluations per sample")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
-    axes[0].axhline(scorer.floor, color="gray", lw=0.8, ls=":", label="real digits (floor)")
+    axes[0].axhline(meta["fd_floor"], color="gray", lw=0.8, ls=":", label="real digits (floor)")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Demo samplers at cfg {args.cfg_scale:g} ({len(labels)} samples each)")
+    cfg = sorted({r["cfg_scale"] for r in rows})
+    samples = sorted({r["samples"] for r in rows})
+    fig.suptitle(f"Demo samplers at cfg {', '.join(f'{c:g}' for c in cfg)} "
+                 f"({', '.join(map(str, samples))} samples each)")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "quality_vs_nfe.png"), dpi=110)
+    fig.savefig(os.path.join(out, "quality_vs_nfe.png"), dpi=110)
+
+
+def combine(paths: list, out: str) -> None:
+    """One table and plot from several results.json files (e.g. a DDPM and a SiT run)."""
+    results = [json.load(open(p)) for p in paths]
+    os.makedirs(out, exist_ok=True)
+    write_outputs([r for res in results for r in res["rows"]], results[0]["meta"], out)
 
 
 if __name__ == "__main__":
