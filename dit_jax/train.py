@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from dit_jax import autoencoder as autoencoder_lib
 from dit_jax import checkpoints, diffusion as diffusion_lib, flops, models, sampling, sharding
@@ -293,6 +294,14 @@ def _preemption_sync_manager():
         return None
 
 
+def ema_on_host(state: TrainState):
+    """The EMA parameters as host arrays: an all-gather across processes when they are sharded
+    over several (fsdp across hosts), which every process must join."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(state.ema_params, tiled=True)
+    return jax.device_get(state.ema_params)
+
+
 def check_finite(state: TrainState, manager) -> None:
     """Raises TrainingError naming the first non-finite step and the last good checkpoint."""
     bad = int(jax.device_get(state.nonfinite_step))
@@ -394,17 +403,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
                 if step % config.checkpoint_every_steps == 0 or manager.reached_preemption(step):
                     save_checkpoint(manager, step, state, pipeline)
                     last_saved = step
-                if decode and step % config.sample.every_steps == 0:
-                    path = write_sample_grid(model, state.ema_params, config, step, workdir, writer,
-                                             decode)
-                    print(f"step {step}: EMA samples -> {path}")
+                grid_due = bool(config.sample.every_steps and config.sample.autoencoder
+                                and step % config.sample.every_steps == 0)
+                eval_due = bool(config.eval.every_steps and step % config.eval.every_steps == 0)
+                if grid_due or eval_due:  # every process takes part in gathering the EMA
+                    ema = ema_on_host(state)
+                    if grid_due and decode:
+                        path = write_sample_grid(model, ema, config, step, workdir, writer, decode)
+                        print(f"step {step}: EMA samples -> {path}")
+                    if eval_due and fid is not None:
+                        start = time.perf_counter()
+                        values = fid(ema, step)
+                        writer.write_scalars(step, values)
+                        log_eval(workdir, step, values, time.perf_counter() - start)
                     t_window = time.perf_counter()  # sampling time is not training time
-                if fid is not None and step % config.eval.every_steps == 0:
-                    start = time.perf_counter()
-                    values = fid(state.ema_params, step)
-                    writer.write_scalars(step, values)
-                    log_eval(workdir, step, values, time.perf_counter() - start)
-                    t_window = time.perf_counter()
                 if preemption.requested or manager.reached_preemption(step):
                     if last_saved != step:
                         save_checkpoint(manager, step, state, pipeline)

@@ -24,8 +24,13 @@ from test_data import read_all
 from test_reliability import TRAIN_FLAGS, Run, metrics, read_checkpoint
 
 STEPS = 16
-FLAGS = [f for f in TRAIN_FLAGS if not f.startswith("--config.checkpoint_every_steps")] + [
-    "--config.checkpoint_every_steps=4", "--config.keep_every_steps=4"]
+#: Parameters split over 2 devices (fsdp) that may sit in different processes, and an EMA grid
+#: every 8 steps: every process joins gathering the EMA, process 0 samples and writes it.
+FLAGS = [f for f in TRAIN_FLAGS if not f.startswith(("--config.checkpoint_every_steps",
+                                                     "--config.sample.every_steps"))] + [
+    "--config.checkpoint_every_steps=4", "--config.keep_every_steps=4", "--config.mesh.fsdp=2",
+    "--config.sample.every_steps=8", "--config.sample.sampler=ddim", "--config.sample.steps=2",
+    "--config.sample.num_per_class=1", "--config.sample.autoencoder=identity:8"]
 #: Losses and parameters of 2 x 4 against 1 x 8 devices (the same 8-device mesh). Measured: equal
 #: to the bit; the tolerance only allows a different reduction order of the cross-process
 #: all-reduce (gloo) from the in-process one, which float32 sums may round differently.
@@ -107,6 +112,7 @@ def test_two_processes_sigterm_then_resume_on_one(tmp_path, env, reference):
     step = saved[0]
     assert 6 <= step < STEPS
     assert re.search(r"^\[1\] step \d+/", out, re.M) is None  # process 1 does not log
+    assert (workdir / "samples" / "step_00000008.png").is_file() == (step >= 8)
     assert [s for s, _ in metrics(workdir)] == list(range(1, step + 1))
 
     res = run(train(workdir), env)  # 1 process x 8 devices
@@ -135,8 +141,10 @@ def test_one_process_then_two_killed_and_rerun(tmp_path, env, reference):
     assert "process 1 exited with status 137; stopping the others" in out
     assert not any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in children)
 
+    (workdir / "samples" / "step_00000016.png").unlink(missing_ok=True)  # the reference's copy
     res = run(local(train(workdir)), env)
     assert "[0] resumed from step" in res.stdout
+    assert (workdir / "samples" / "step_00000016.png").is_file()  # the EMA grid of 2 processes
     assert_matches_reference(workdir, reference, range(1, STEPS + 1))
 
 
