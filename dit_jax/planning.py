@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import itertools
 import math
 import os
@@ -128,6 +129,8 @@ def parse_topology(name: str) -> Topology:
 @functools.lru_cache(maxsize=None)
 def _topology_devices(topology_name, chip_config, host_bounds, num_slices, wrap):
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences a libtpu warning
+    # Compile-only: no chip is opened, so plans may run beside each other (and beside a job).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     desc = topologies.get_topology_desc(
         platform="tpu", topology_name=topology_name, chip_config_name=chip_config,
         chips_per_host_bounds=host_bounds, num_slices=num_slices, wrap=wrap)
@@ -136,15 +139,15 @@ def _topology_devices(topology_name, chip_config, host_bounds, num_slices, wrap)
 
 def topology_devices(topology: Topology) -> list:
     """libtpu's compile-only devices of the topology (slice by slice)."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(f"cannot compile for {topology.name} here: libtpu is not installed "
+                         "(pip install 'jax[tpu]'; it needs no TPU).")
     try:
         return list(_topology_devices(topology.topology_name, topology.chip_config,
                                       topology.host_bounds, topology.num_slices, topology.wrap))
-    except (RuntimeError, ValueError) as e:  # jax's own error type derives from RuntimeError
-        msg = " ".join(str(e).split())
-        if "libtpu" in msg.lower() or "tpu" in msg.lower() and "not" in msg.lower():
-            raise ValueError(f"cannot describe the TPU topology {topology.name} here: {msg} "
-                             "(pip install 'jax[tpu]' brings libtpu)") from None
-        raise
+    except RuntimeError as e:  # XlaRuntimeError
+        raise ValueError(f"libtpu cannot describe {topology.name} ({topology.topology_name}): "
+                         + " ".join(str(e).split())) from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -211,7 +214,10 @@ def _cost(compiled) -> dict:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     cost = cost or {}
-    return dict(flops=cost.get("flops"), seconds=cost.get("optimal_seconds"),
+    seconds = cost.get("optimal_seconds")
+    if seconds is not None and seconds <= 0:  # libtpu's cost model gives up on some programs
+        seconds = None
+    return dict(flops=cost.get("flops"), seconds=seconds,
                 bytes_accessed=cost.get("bytes accessed"))
 
 
