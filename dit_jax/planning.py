@@ -541,4 +541,5 @@ def format_candidates(plans: Sequence[Plan]) -> str:
         lines.append(f"{o['mesh.fsdp']:>5} {str(o['model.remat']):>6} {o['batch_size']:>6} "
                      f"{o['model.attention']:>9} {'yes' if p.fits else 'no':>5} "
                      f"{_gib(p.peak_bytes):>11} {step:>10} {ips:>15}")
+    lines.append("(est.: XLA's cost-model estimates, not measurements)")
     return "\n".join(lines)
