@@ -57,7 +57,8 @@ def table(rows: list[dict]) -> str:
         peak_txt = f"{peak / gib:.1f} ({r['hbm_bytes_per_device'] / gib:.0f})" if peak else "?"
         ips = r.get("estimated_images_per_second_per_device")
         mfu = r.get("estimated_mfu")
-        lines.append(f"| {r['model']} | {r['topology']} | {'yes' if r['fits'] else 'no'} | {plan} | "
+        fits = "yes" if r["fits"] else "no"
+        lines.append(f"| {r['model']} | {r['topology']} | {fits} | {plan} | "
                      f"{peak_txt} | {f'{ips:.0f}' if ips else '-'} | "
                      f"{f'{mfu:.0%}' if mfu else '-'} | {r['compile_seconds']:.0f} |")
     return "\n".join(lines)

@@ -514,7 +514,8 @@ def format_plan(plan: Plan) -> str:
     s = plan.estimated_step_seconds
     if s:
         mfu = f", MFU {plan.mfu:.1%}" if plan.mfu is not None else ""
-        lines.append(f"compiler estimate (XLA cost model, not a measurement): step {s * 1e3:.1f} ms,"
+        lines.append("compiler estimate (XLA cost model, not a measurement): "
+                     f"step {s * 1e3:.1f} ms,"
                      f" {plan.images_per_second_per_chip:.1f} images/s per chip{mfu}")
     lines.append(f"compiled in {plan.compile_seconds:.1f} s")
     if plan.sample:

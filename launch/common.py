@@ -191,7 +191,8 @@ def run_checked(cmd: Sequence[str], log_file: Optional[str] = None, env: Optiona
 # Pre-flight: compile the plan for the target before anything is created or started
 # ----------------------------------------------------------------------------------------
 
-def plan_command(python: str, config: str, topology: str, overrides: Sequence[str] = ()) -> list[str]:
+def plan_command(python: str, config: str, topology: str,
+                 overrides: Sequence[str] = ()) -> list[str]:
     """python -m dit_jax.plan --config=... --topology=... --json --config.k=v ... (only the
     --config.* overrides travel; other training flags mean nothing to the plan)."""
     return [python, "-m", "dit_jax.plan", f"--config={config}", f"--topology={topology}", "--json",
@@ -205,7 +206,8 @@ def preflight(config: str, topology: str, overrides: Sequence[str] = (), *,
     LaunchError when it does not fit or the plan cannot be made."""
     cmd = plan_command(python or sys.executable, config, topology, overrides)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # compile-only: never grab a local accelerator
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), env=env, errors="replace")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), env=env,
+                          errors="replace")
     plan = None
     for line in reversed(proc.stdout.strip().splitlines()):
         if line.startswith("{"):
@@ -221,8 +223,8 @@ def preflight(config: str, topology: str, overrides: Sequence[str] = (), *,
                           f"(--no_preflight skips the check)")
     print(f"{label}: {plan_verdict(plan)}", flush=True)
     if not plan["fits"]:
-        raise LaunchError(f"{label}: does not fit: {plan_verdict(plan)}; try python -m dit_jax.plan "
-                          f"--search (--no_preflight skips the check)")
+        raise LaunchError(f"{label}: does not fit: {plan_verdict(plan)}; try python -m "
+                          "dit_jax.plan --search (--no_preflight skips the check)")
     return plan
 
 
@@ -233,8 +235,8 @@ def plan_verdict(plan: dict) -> str:
         need = plan.get("required_bytes_per_device") or plan.get("peak_bytes_per_device")
         avail = plan.get("available_bytes_per_device") or plan["hbm_bytes_per_device"]
         return f"does NOT fit: needs {gib(need)} of {gib(avail)} HBM per chip"
-    out = (f"fits: peak {gib(plan['peak_bytes_per_device'])} of {gib(plan['hbm_bytes_per_device'])} "
-           f"HBM per chip")
+    out = (f"fits: peak {gib(plan['peak_bytes_per_device'])} of "
+           f"{gib(plan['hbm_bytes_per_device'])} HBM per chip")
     ips = plan.get("estimated_images_per_second_per_device")
     if ips:
         out += f"; compiler estimate {ips:.1f} images/s per chip"

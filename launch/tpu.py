@@ -255,7 +255,8 @@ PLANNED = ("v4", "v5p", "v5litepod", "v6e")
 def preflight(config: str, accelerator: str, overrides, what: str = "") -> Optional[dict]:
     """The plan for the accelerator compiled first; LaunchError when it does not fit."""
     if parse_accelerator(accelerator)[1] not in PLANNED:
-        common.warn(f"no pre-flight plan for {accelerator} (dit_jax.plan knows {', '.join(PLANNED)})")
+        common.warn(f"no pre-flight plan for {accelerator} "
+                    f"(dit_jax.plan knows {', '.join(PLANNED)})")
         return None
     return common.preflight(config, accelerator, overrides, what=what)
 
