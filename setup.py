@@ -38,7 +38,9 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # libtpu lets the tests compile the train step for TPU topologies ahead of time on any
+        # CPU (dit_jax.plan); it is inert where there is no TPU (JAX_PLATFORMS=cpu).
+        "test": ["pytest>=7", "jax[tpu]"],
         "hub": ["huggingface_hub"],  # VAE weights by hub id (e.g. stabilityai/sd-vae-ft-ema)
         "cuda12": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],

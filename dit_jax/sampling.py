@@ -73,6 +73,29 @@ def sample_latents(model: models.DiT, params, labels: jax.Array, key: jax.Array,
     guidance_interval=(lo, hi): guide only at model timesteps lo <= t <= hi (None: all).
     An `interpolant` run (SiT) samples with FLOW_SAMPLERS on t in [0, 1] (1 is data); its
     noise_schedule and diffusion_steps are unused."""
+    return _sample(*_sample_args(model, params, labels, key, sampler, steps, cfg_scale,
+                                 guidance_channels, eta, clip_denoised, noise, noise_schedule,
+                                 diffusion_steps, guidance_interval, interpolant))
+
+
+def lower_sample_latents(model: models.DiT, params, labels, key, *, noise, sampler: str = "ddpm",
+                         steps: int = 250, cfg_scale: float = 4.0,
+                         guidance_channels: Optional[int] = 3, eta: float = 0.0,
+                         clip_denoised: bool = False, noise_schedule: str = "linear",
+                         diffusion_steps: int = 1000, guidance_interval=None,
+                         interpolant: Optional[interpolants.Interpolant] = None):
+    """The program `sample_latents` runs, lowered for abstract (jax.ShapeDtypeStruct) params,
+    labels, key (uint32[2]) and noise: `.compile()` it ahead of time (dit_jax.planning)."""
+    return _sample.lower(*_sample_args(model, params, labels, key, sampler, steps, cfg_scale,
+                                       guidance_channels, eta, clip_denoised, noise,
+                                       noise_schedule, diffusion_steps, guidance_interval,
+                                       interpolant, split_key=False))
+
+
+def _sample_args(model, params, labels, key, sampler, steps, cfg_scale, guidance_channels, eta,
+                 clip_denoised, noise, noise_schedule, diffusion_steps, guidance_interval,
+                 interpolant, split_key=True) -> tuple:
+    """`_sample`'s arguments, checked."""
     names = samplers_for(interpolant)
     if sampler not in names:
         kind = "a DDPM" if interpolant is None else "an interpolant"
@@ -87,13 +110,15 @@ def sample_latents(model: models.DiT, params, labels: jax.Array, key: jax.Array,
             noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
     else:
         process = interpolant
-    noise_key, loop_key = jax.random.split(key)
-    if noise is None:
-        shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
-        noise = jax.random.normal(noise_key, shape, jnp.float32)
+    loop_key = key
+    if split_key:
+        noise_key, loop_key = jax.random.split(key)
+        if noise is None:
+            shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
+            noise = jax.random.normal(noise_key, shape, jnp.float32)
     interval = None if guidance_interval is None else tuple(float(v) for v in guidance_interval)
-    return _sample(model, process, sampler, int(steps), float(cfg_scale), guidance_channels,
-                   interval, float(eta), bool(clip_denoised), params, labels, noise, loop_key)
+    return (model, process, sampler, int(steps), float(cfg_scale), guidance_channels,
+            interval, float(eta), bool(clip_denoised), params, labels, noise, loop_key)
 
 
 def model_fn(model: models.DiT, params, labels: jax.Array, cfg_scale: float,

@@ -14,12 +14,15 @@ from typing import Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A ('data', 'fsdp') mesh over `devices` (default: all); data=-1 takes what fsdp leaves."""
+    """A ('data', 'fsdp') mesh over `devices` (default: all); data=-1 takes what fsdp leaves.
+    Devices of several slices (multi-slice TPU) are arranged as
+    `mesh_utils.create_hybrid_device_mesh` does: 'data' spans the slices, 'fsdp' stays in one."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     if fsdp < 1 or n % fsdp:
@@ -28,8 +31,23 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence[jax.Devi
         data = n // fsdp
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not match the {n} devices.")
-    grid = np.asarray(devices).reshape(data, fsdp)
+    slices = num_slices(devices)
+    if slices > 1:
+        # Data parallelism across slices (DCN), fsdp inside each slice (ICI).
+        per_slice = n // slices
+        if per_slice % fsdp or data % slices:
+            raise ValueError(f"fsdp={fsdp} must divide the {per_slice} devices of one slice (the "
+                             f"devices span {slices} slices; fsdp stays inside a slice).")
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (data // slices, fsdp), (slices, 1), devices, allow_split_physical_axes=True)
+    else:
+        grid = np.asarray(devices).reshape(data, fsdp)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """How many slices (multi-slice TPU: `slice_index`) the devices span; 1 elsewhere."""
+    return len({getattr(d, "slice_index", None) or 0 for d in devices})
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -4,6 +4,7 @@ commands for --dry_run, and running a command with its output streamed and tee'd
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import re
@@ -184,3 +185,59 @@ def run_checked(cmd: Sequence[str], log_file: Optional[str] = None, env: Optiona
     rc = stream(cmd, log_file, env, cwd)
     if rc:
         raise LaunchError(f"command failed with exit status {rc}: {show(cmd)}")
+
+
+# ----------------------------------------------------------------------------------------
+# Pre-flight: compile the plan for the target before anything is created or started
+# ----------------------------------------------------------------------------------------
+
+def plan_command(python: str, config: str, topology: str,
+                 overrides: Sequence[str] = ()) -> list[str]:
+    """python -m dit_jax.plan --config=... --topology=... --json --config.k=v ... (only the
+    --config.* overrides travel; other training flags mean nothing to the plan)."""
+    return [python, "-m", "dit_jax.plan", f"--config={config}", f"--topology={topology}", "--json",
+            *[o for o in overrides if o.startswith("--config.")]]
+
+
+def preflight(config: str, topology: str, overrides: Sequence[str] = (), *,
+              python: Optional[str] = None, what: str = "") -> dict:
+    """Compiles the train step for `topology` in a subprocess (dit_jax.plan --json; this
+    process needs no libtpu), prints its verdict as one line and returns the plan. Raises
+    LaunchError when it does not fit or the plan cannot be made."""
+    cmd = plan_command(python or sys.executable, config, topology, overrides)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # compile-only: never grab a local accelerator
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), env=env,
+                          errors="replace")
+    plan = None
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                plan = json.loads(line)
+            except ValueError:
+                pass
+            break
+    label = f"pre-flight{' ' + what if what else ''} ({topology})"
+    if plan is None:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LaunchError(f"{label}: the plan failed: {last.removeprefix('error: ')} "
+                          f"(--no_preflight skips the check)")
+    print(f"{label}: {plan_verdict(plan)}", flush=True)
+    if not plan["fits"]:
+        raise LaunchError(f"{label}: does not fit: {plan_verdict(plan)}; try python -m "
+                          "dit_jax.plan --search (--no_preflight skips the check)")
+    return plan
+
+
+def plan_verdict(plan: dict) -> str:
+    """One line: fits or not, per-chip peak against HBM, XLA's estimate."""
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "?"  # noqa: E731
+    if not plan["fits"]:
+        need = plan.get("required_bytes_per_device") or plan.get("peak_bytes_per_device")
+        avail = plan.get("available_bytes_per_device") or plan["hbm_bytes_per_device"]
+        return f"does NOT fit: needs {gib(need)} of {gib(avail)} HBM per chip"
+    out = (f"fits: peak {gib(plan['peak_bytes_per_device'])} of "
+           f"{gib(plan['hbm_bytes_per_device'])} HBM per chip")
+    ips = plan.get("estimated_images_per_second_per_device")
+    if ips:
+        out += f"; compiler estimate {ips:.1f} images/s per chip"
+    return out

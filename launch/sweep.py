@@ -252,6 +252,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not common.is_gcs(root) and not args.accelerator:
             common.warn(f"--root {root!r} is local to the TPU VM; on a multi-host slice use gs:// (pass "
                         f"--accelerator to have this checked).")
+    if args.launcher == "tpu" and args.accelerator and not args.no_preflight:
+        for r in todo:  # every run's plan before any run starts
+            tpu.preflight(config, args.accelerator, [*r.overrides, *overrides, *extra], what=r.name)
     failed = []
     for r in todo:
         if args.dry_run:

@@ -10,6 +10,9 @@ the project on every worker, run the same training command on all workers, read 
   python -m launch.tpu delete --name=dit --zone=us-central2-b
 
 Every subcommand takes --dry_run: it prints the exact gcloud commands and runs nothing.
+`run --accelerator=...` first compiles the train step for that topology (python -m dit_jax.plan,
+in a subprocess, no TPU needed) and stops with one line when it does not fit in HBM; the dry
+run prints that verdict too (--no_preflight skips it).
 
 Single-host TPUs (v4-8, v5p-8, v5litepod-8, v6e-8, ...) and pod slices (v4-32, v5litepod-16, ...)
 are handled alike: `--worker=all` runs the command on every host at once. On a slice of several
@@ -196,6 +199,8 @@ def add_run_args(p) -> None:
     p.add_argument("--no_coordinator", action="store_true",
                    help="do not export JAX_COORDINATOR_ADDRESS from the VM metadata on multi-host slices")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment on the workers")
+    p.add_argument("--no_preflight", action="store_true",
+                   help="do not compile the plan for --accelerator first (python -m dit_jax.plan)")
 
 
 def build_parser() -> common.Parser:
@@ -243,6 +248,19 @@ def build_parser() -> common.Parser:
     return parser
 
 
+#: generations dit_jax.plan can compile for (v2/v3 are launched without a pre-flight)
+PLANNED = ("v4", "v5p", "v5litepod", "v6e")
+
+
+def preflight(config: str, accelerator: str, overrides, what: str = "") -> Optional[dict]:
+    """The plan for the accelerator compiled first; LaunchError when it does not fit."""
+    if parse_accelerator(accelerator)[1] not in PLANNED:
+        common.warn(f"no pre-flight plan for {accelerator} "
+                    f"(dit_jax.plan knows {', '.join(PLANNED)})")
+        return None
+    return common.preflight(config, accelerator, overrides, what=what)
+
+
 def execute(commands: list[list[str]], dry_run: bool, log_file: Optional[str] = None) -> int:
     for cmd in commands:
         if dry_run:
@@ -272,7 +290,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not common.is_gcs(workdir) and not args.accelerator:
             common.warn(f"local --workdir {workdir!r} is on the TPU VM's own disk; on a multi-host slice use a "
                         f"gs:// path (pass --accelerator to have this checked).")
-        cmds = run_commands(name, config, workdir, common.config_overrides(args.set), extra, detach=args.detach,
+        overrides = common.config_overrides(args.set)
+        if args.accelerator and not args.no_preflight:
+            preflight(config, args.accelerator, [*overrides, *extra])
+        cmds = run_commands(name, config, workdir, overrides, extra, detach=args.detach,
                             coordinator=not args.no_coordinator, env=common.parse_env(args.env),
                             log_name=args.log_name, **loc)
         return execute(cmds, args.dry_run, None if args.detach else (args.log_file or f"logs/tpu-{name}.log"))

@@ -73,7 +73,7 @@ def test_tpu_setup_installs_tpu_extra_on_all_workers(capsys):
 
 def test_tpu_run_on_all_workers_with_gs_workdir(capsys):
     out = dry(tpu, capsys, "run", "--name=pod", "--zone=z", "--accelerator=v4-32", "--config=configs/xl2.py",
-              "--workdir=gs://my-bucket/dit/xl2", "--set", "batch_size=256", "--dry_run", "--",
+              "--workdir=gs://my-bucket/dit/xl2", "--set", "batch_size=256", "--dry_run", "--no_preflight", "--",
               "--config.seed=3")
     assert out.startswith("gcloud compute tpus tpu-vm ssh pod --zone=z --worker=all ")
     assert ("python3 -m dit_jax.main --config=configs/xl2.py --workdir=gs://my-bucket/dit/xl2 "

@@ -132,7 +132,7 @@ def test_sweep_through_launchers(capsys):
     assert ("srun --kill-on-bad-exit=1 python -m dit_jax.main --config=configs/default.py "
             "--workdir=gs://bkt/sweep/B-2 --config.model.name=DiT-B/2 --config.num_train_steps=1000") in out
     code, out, err = run_cli(sweep, capsys, "--root=gs://bkt/sweep", "--models=L/4", "--launcher=tpu", "--name=pod",
-                             "--zone=z", "--accelerator=v4-32", "--dry_run")
+                             "--zone=z", "--accelerator=v4-32", "--dry_run", "--no_preflight")
     assert code == 0, err
     assert "tpu-vm ssh pod --zone=z --worker=all" in out and "--workdir=gs://bkt/sweep/L-4" in out
     assert "tee -a ~/dit_jax_logs/L-4.log" in out

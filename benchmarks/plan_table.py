@@ -1,0 +1,99 @@
+"""The plan table of BENCHMARKS.md: the 12 DiT models compiled ahead of time (dit_jax.planning)
+for TPU topologies at a global batch, one JSON line per (model, topology) appended to --out,
+and the Markdown table printed from all lines in --out (so an interrupted run resumes).
+
+  python benchmarks/plan_table.py --topologies=v5p-8,v4-32,v5e-16,v6e-8 --batch=256 \\
+      --out=benchmarks/plan_table.jsonl [--search --fsdp=1,4 --remat=False,True]
+  python benchmarks/plan_table.py --out=benchmarks/plan_table.jsonl --table_only
+
+Without --search each cell is the config as it is (fsdp 1, remat off); with --search the
+fastest fitting plan of fsdp x remat. Every time figure is XLA's cost-model estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import libtpu  # noqa: E402,F401  (the version goes into the table)
+
+from configs import default  # noqa: E402
+from dit_jax import planning  # noqa: E402
+
+MODELS = [f"{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
+
+
+def cell(model: str, topology: str, args) -> dict:
+    config = planning.with_overrides(default.get_config(), {"model.name": f"DiT-{model}",
+                                                            "batch_size": args.batch})
+    start = time.perf_counter()
+    if args.search:
+        best, plans = planning.search(config, topology, fsdp=args.fsdp or None, remat=args.remat)
+        plan = best or plans[0]
+        tried = len(plans)
+    else:
+        plan, tried = planning.plan_train(config, topology), 1
+    row = plan.to_json()
+    row.update(model=model, wall_seconds=time.perf_counter() - start, candidates_tried=tried,
+               jax=jax.__version__, libtpu=getattr(libtpu, "__version__", "?"))
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    gib = 2**30
+    lines = ["| model | topology | fits | plan | peak GiB/chip (of HBM) | est. img/s/chip | "
+             "est. MFU | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o = {k.split("=")[0].removeprefix("--config."): k.split("=")[1] for k in r["overrides"]}
+        plan = f"fsdp {o['mesh.fsdp']}, remat {o['model.remat']}"
+        peak = r["peak_bytes_per_device"] or r.get("required_bytes_per_device")
+        peak_txt = f"{peak / gib:.1f} ({r['hbm_bytes_per_device'] / gib:.0f})" if peak else "?"
+        ips = r.get("estimated_images_per_second_per_device")
+        mfu = r.get("estimated_mfu")
+        fits = "yes" if r["fits"] else "no"
+        lines.append(f"| {r['model']} | {r['topology']} | {fits} | {plan} | "
+                     f"{peak_txt} | {f'{ips:.0f}' if ips else '-'} | "
+                     f"{f'{mfu:.0%}' if mfu else '-'} | {r['compile_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--topologies", default="v5p-8,v4-32,v5e-16,v6e-8")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--search", action="store_true")
+    p.add_argument("--fsdp", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    p.add_argument("--remat", type=lambda s: [x == "True" for x in s.split(",")],
+                   default=[False, True])
+    p.add_argument("--out", default="benchmarks/plan_table.jsonl")
+    p.add_argument("--table_only", action="store_true")
+    args = p.parse_args()
+    done = set()
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            done = {(r["model"], r["topology"]) for r in map(json.loads, f)}
+    if not args.table_only:
+        for topology in args.topologies.split(","):
+            for model in args.models.split(","):
+                if (model, topology) in done:
+                    continue
+                row = cell(model, topology, args)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"{model} {topology}: fits={row['fits']} "
+                      f"{row['wall_seconds']:.0f}s", flush=True)
+    with open(args.out) as f:
+        rows = [json.loads(line) for line in f]
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
