@@ -209,16 +209,22 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT, losses,
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     decay = config.ema_decay
-    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+
+    def update(params, opt_state, ema):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+        return params, opt_state, ema
+
+    # One branch instead of a select over every leaf of params, optimizer state and EMA:
+    # a non-finite step leaves all three bit-for-bit as they were, and XLA updates the
+    # donated buffers in place without copying the state first.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params, opt_state, ema = jax.lax.cond(finite, update, lambda *old: old,
+                                          state.params, state.opt_state, state.ema_params)
     new_state = state.replace(
-        step=state.step + 1,
-        params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
-        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
         nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
                                  state.nonfinite_step))
     metrics = {**{k: v.mean() for k, v in terms.items()}, "grad_norm": grad_norm,
