@@ -57,18 +57,28 @@ def load_config(path: str, overrides: list[str]):
 
 def build_model(config, image_size: int | None):
     from dit_jax import workdir
+
     size = image_size or config.data.image_size
     down = 1 if config.sample.autoencoder.startswith("identity") else 8
     channels = 1 if down == 1 else 4
-    meta = {"latent_shape": (size // down, size // down, channels), "num_classes": 10 if down == 1 else 1000}
+    meta = {
+        "latent_shape": (size // down, size // down, channels),
+        "num_classes": 10 if down == 1 else 1000,
+    }
     return workdir.model_for_dataset(config, meta)
 
 
 def device_summary() -> dict:
     d = jax.devices()[0]
-    return {"backend": jax.default_backend(), "device_kind": d.device_kind, "num_devices": jax.device_count(),
-            "jax": jax.__version__, "host": platform.machine(), "cpus": os.cpu_count(),
-            "date": datetime.date.today().isoformat()}
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": d.device_kind,
+        "num_devices": jax.device_count(),
+        "jax": jax.__version__,
+        "host": platform.machine(),
+        "cpus": os.cpu_count(),
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def peak_memory(compiled) -> tuple[float | None, str]:
@@ -78,7 +88,12 @@ def peak_memory(compiled) -> tuple[float | None, str]:
         return float(stats["peak_bytes_in_use"]), "allocator peak"
     try:
         m = compiled.memory_analysis()
-        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+        total = (
+            m.argument_size_in_bytes
+            + m.output_size_in_bytes
+            + m.temp_size_in_bytes
+            - m.alias_size_in_bytes
+        )
         return float(total), "XLA estimate (args + outputs + temps - aliased)"
     except Exception:  # noqa: BLE001  (not every backend reports it)
         return None, "unavailable"
@@ -97,21 +112,30 @@ def timed_windows(run, repeats: int) -> list[float]:
 def bench_train(args) -> dict:
     import flax.linen as nn
     from dit_jax import flops, sharding, train
+
     config = load_config(args.config, args.set)
     config.batch_size = args.batch
     model = build_model(config, args.image_size)
     devices = jax.devices()[: config.mesh.num_devices or None]
     if args.batch % len(devices):
-        raise SystemExit(f"error: --batch {args.batch} is not divisible by the {len(devices)} devices.")
+        raise SystemExit(
+            f"error: --batch {args.batch} is not divisible by the {len(devices)} devices."
+        )
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
     tx = train.make_optimizer(config)
     init, _, state_sharding = train.train_state_shardings(config, model, tx, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
-    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(jax.random.PRNGKey(0))
+    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(
+        jax.random.PRNGKey(0)
+    )
     rng = np.random.default_rng(0)
     shape = (args.batch, model.input_size, model.input_size, model.in_channels)
-    batch = {"latents": jax.device_put(rng.standard_normal(shape, np.float32), batch_sharding),
-             "labels": jax.device_put(rng.integers(0, model.num_classes, args.batch).astype(np.int32), batch_sharding)}
+    batch = {
+        "latents": jax.device_put(rng.standard_normal(shape, np.float32), batch_sharding),
+        "labels": jax.device_put(
+            rng.integers(0, model.num_classes, args.batch).astype(np.int32), batch_sharding
+        ),
+    }
     step_fn = train.jit_train_step(config, model, tx, state_sharding, batch_sharding)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
@@ -134,34 +158,66 @@ def bench_train(args) -> dict:
     steps_per_s = args.steps / seconds
     train_flops = 3 * 2 * flops.forward_flops(model) * args.batch
     mem, mem_kind = peak_memory(compiled)
-    return dict(kind="train", config=args.config, overrides=args.set, model=_model_desc(model), batch=args.batch,
-                dtype=config.model.dtype, remat=config.model.remat, attention=config.model.attention,
-                mesh=dict(mesh.shape), compile_s=compile_s, steps_per_s=steps_per_s,
-                images_per_s=steps_per_s * args.batch, achieved_tflops=train_flops * steps_per_s / 1e12,
-                peak_memory_gb=None if mem is None else mem / 2**30, memory_source=mem_kind)
+    return dict(
+        kind="train",
+        config=args.config,
+        overrides=args.set,
+        model=_model_desc(model),
+        batch=args.batch,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
+        attention=config.model.attention,
+        mesh=dict(mesh.shape),
+        compile_s=compile_s,
+        steps_per_s=steps_per_s,
+        images_per_s=steps_per_s * args.batch,
+        achieved_tflops=train_flops * steps_per_s / 1e12,
+        peak_memory_gb=None if mem is None else mem / 2**30,
+        memory_source=mem_kind,
+    )
 
 
 def bench_sample(args) -> dict:
     from dit_jax import flops, models, sampling
+
     config = load_config(args.config, args.set)
     model = build_model(config, args.image_size)
     params = models.init_params(model, jax.random.key(0))
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     labels = jax.device_put(np.arange(args.batch, dtype=np.int32) % model.num_classes, split)
-    noise = jax.device_put(np.random.default_rng(0).standard_normal(
-        (args.batch, model.input_size, model.input_size, model.in_channels), np.float32), split)
-    kw = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, guidance_channels=3, noise=noise)
-    run = lambda: jax.block_until_ready(sampling.sample_latents(model, params, labels, jax.random.key(1), **kw))
+    noise = jax.device_put(
+        np.random.default_rng(0).standard_normal(
+            (args.batch, model.input_size, model.input_size, model.in_channels), np.float32
+        ),
+        split,
+    )
+    kw = dict(
+        sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg, guidance_channels=3, noise=noise
+    )
+    run = lambda: jax.block_until_ready(
+        sampling.sample_latents(model, params, labels, jax.random.key(1), **kw)
+    )
     start = time.perf_counter()
     run()  # compile + first run
     first_s = time.perf_counter() - start
     seconds = statistics.median(timed_windows(run, args.repeats))
     forwards = args.batch * args.steps * (2 if args.cfg > 1 else 1)
-    return dict(kind="sample", config=args.config, overrides=args.set, model=_model_desc(model), batch=args.batch,
-                sampler=args.sampler, steps=args.steps, cfg=args.cfg, dtype=str(jnp.dtype(model.dtype)),
-                first_call_s=first_s, seconds=seconds, images_per_s=args.batch / seconds,
-                achieved_tflops=2 * flops.forward_flops(model) * forwards / seconds / 1e12)
+    return dict(
+        kind="sample",
+        config=args.config,
+        overrides=args.set,
+        model=_model_desc(model),
+        batch=args.batch,
+        sampler=args.sampler,
+        steps=args.steps,
+        cfg=args.cfg,
+        dtype=str(jnp.dtype(model.dtype)),
+        first_call_s=first_s,
+        seconds=seconds,
+        images_per_s=args.batch / seconds,
+        achieved_tflops=2 * flops.forward_flops(model) * forwards / seconds / 1e12,
+    )
 
 
 def bench_matmul(args) -> dict:
@@ -174,8 +230,10 @@ def bench_matmul(args) -> dict:
 
 
 def _model_desc(model) -> str:
-    return (f"depth {model.depth} width {model.hidden_size} heads {model.num_heads} patch {model.patch_size} "
-            f"input {model.input_size}x{model.input_size}x{model.in_channels}")
+    return (
+        f"depth {model.depth} width {model.hidden_size} heads {model.num_heads} patch {model.patch_size} "
+        f"input {model.input_size}x{model.input_size}x{model.in_channels}"
+    )
 
 
 def main():
@@ -184,15 +242,26 @@ def main():
     for name in ("train", "sample"):
         p = sub.add_parser(name)
         p.add_argument("--config", default="configs/s2.py")
-        p.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+        p.add_argument(
+            "--set", action="append", default=[], help="config override key=value (repeatable)"
+        )
         p.add_argument("--batch", type=int, default=32, help="global batch")
-        p.add_argument("--image_size", type=int, default=None, help="override config.data.image_size")
+        p.add_argument(
+            "--image_size", type=int, default=None, help="override config.data.image_size"
+        )
         p.add_argument("--repeats", type=int, default=5)
-        p.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU (default: table)")
+        p.add_argument(
+            "--peak_tflops",
+            type=float,
+            default=None,
+            help="per-device peak for MFU (default: table)",
+        )
         p.add_argument("--json", default=None, help="append the result as a JSON line here")
     t = sub.choices["train"]
     t.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    t.add_argument("--profile_dir", default=None, help="write a jax.profiler trace of one window here")
+    t.add_argument(
+        "--profile_dir", default=None, help="write a jax.profiler trace of one window here"
+    )
     s = sub.choices["sample"]
     s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     s.add_argument("--steps", type=int, default=250)
@@ -210,6 +279,7 @@ def main():
     peak = args.peak_tflops
     if peak is None:
         from dit_jax import flops
+
         peak = flops.peak_flops_per_device(jax.devices()[0])
         peak = peak / 1e12 if peak else None
     if peak and args.kind != "matmul":

@@ -38,11 +38,13 @@ def jax_step(model_name: str, batch: int, overrides: list[str]):
     import numpy as np
     import dit_jax
     from dit_jax import sharding, train
+
     if not os.path.abspath(dit_jax.__file__).startswith(ROOT + os.sep):
         raise SystemExit(f"dit_jax imported from {dit_jax.__file__}, not from {ROOT}")
-    config = benchmark.load_config(os.path.join(ROOT, "configs", "default.py"),
-                                   [f"model.name={model_name}", "model.dtype=float32",
-                                    *overrides])
+    config = benchmark.load_config(
+        os.path.join(ROOT, "configs", "default.py"),
+        [f"model.name={model_name}", "model.dtype=float32", *overrides],
+    )
     config.batch_size = batch
     model = benchmark.build_model(config, 256)
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
@@ -50,25 +52,33 @@ def jax_step(model_name: str, batch: int, overrides: list[str]):
     init, _, state_sharding = train.train_state_shardings(config, model, tx, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(
-        jax.random.PRNGKey(0))
+        jax.random.PRNGKey(0)
+    )
     rng = np.random.default_rng(0)
-    data = {"latents": jax.device_put(rng.standard_normal((batch, 32, 32, 4), np.float32),
-                                      batch_sharding),
-            "labels": jax.device_put(rng.integers(0, 1000, batch).astype(np.int32),
-                                     batch_sharding)}
-    compiled = train.jit_train_step(config, model, tx, state_sharding, batch_sharding).lower(
-        state, data).compile()
+    data = {
+        "latents": jax.device_put(
+            rng.standard_normal((batch, 32, 32, 4), np.float32), batch_sharding
+        ),
+        "labels": jax.device_put(rng.integers(0, 1000, batch).astype(np.int32), batch_sharding),
+    }
+    compiled = (
+        train.jit_train_step(config, model, tx, state_sharding, batch_sharding)
+        .lower(state, data)
+        .compile()
+    )
     holder = [state]
 
     def step():
         holder[0], metrics = compiled(holder[0], data)
         return float(metrics["loss"])  # blocks
+
     return step
 
 
 def torch_step(model_name: str, batch: int, attention: str):
     sys.path.insert(0, HERE)
     import torch_baseline
+
     return torch_baseline.TrainStep(model_name, batch, attention)
 
 
@@ -94,11 +104,18 @@ def spawn(kind: str, env_items: list[str], root: str, args) -> subprocess.Popen:
         key, _, value = item.partition("=")
         env[key] = value
     script = os.path.join(os.path.abspath(root), "benchmarks", "cpu_vs_torch.py")
-    cmd = [sys.executable, script, f"--worker={kind}", f"--model={args.model}",
-           f"--batch={args.batch}", f"--torch_attention={args.torch_attention}"]
+    cmd = [
+        sys.executable,
+        script,
+        f"--worker={kind}",
+        f"--model={args.model}",
+        f"--batch={args.batch}",
+        f"--torch_attention={args.torch_attention}",
+    ]
     cmd += [f"--set={s}" for s in args.set]
-    proc = subprocess.Popen(cmd, env=env, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     return proc
 
 
@@ -131,10 +148,15 @@ def main():
     if args.worker:
         return worker(args)
 
-    specs = [(x.upper(), getattr(args, x), getattr(args, f"{x}_env"), getattr(args, f"{x}_root"))
-             for x in "abc" if getattr(args, x)]
-    labels = [f"{x} ({kind}{' ' + ' '.join(env) if env else ''}"
-              f"{'' if root == ROOT else ' from ' + root})" for x, kind, env, root in specs]
+    specs = [
+        (x.upper(), getattr(args, x), getattr(args, f"{x}_env"), getattr(args, f"{x}_root"))
+        for x in "abc"
+        if getattr(args, x)
+    ]
+    labels = [
+        f"{x} ({kind}{' ' + ' '.join(env) if env else ''}{'' if root == ROOT else ' from ' + root})"
+        for x, kind, env, root in specs
+    ]
     procs = []
     for (_, kind, env, root), label in zip(specs, labels):
         procs.append(spawn(kind, env, root, args))
@@ -147,16 +169,24 @@ def main():
                 proc.stdin.flush()
                 seconds = json.loads(proc.stdout.readline())["seconds"]
                 rates[i].append(args.steps * args.batch / seconds)
-            print(f"round {r}: " + "  ".join(f"{s[0]} {x[-1]:.2f} img/s" for s, x in
-                                             zip(specs, rates))
-                  + f"  A/B {rates[0][-1] / rates[1][-1]:.2f}", flush=True)
+            print(
+                f"round {r}: "
+                + "  ".join(f"{s[0]} {x[-1]:.2f} img/s" for s, x in zip(specs, rates))
+                + f"  A/B {rates[0][-1] / rates[1][-1]:.2f}",
+                flush=True,
+            )
     finally:
         for proc in procs:
             proc.stdin.close()
             proc.wait()
     med = [statistics.median(r) for r in rates]
-    result = dict(model=f"DiT-{args.model}", batch=args.batch, rounds=args.rounds,
-                  steps=args.steps, date=time.strftime("%Y-%m-%d %H:%M"))
+    result = dict(
+        model=f"DiT-{args.model}",
+        batch=args.batch,
+        rounds=args.rounds,
+        steps=args.steps,
+        date=time.strftime("%Y-%m-%d %H:%M"),
+    )
     print(f"DiT-{args.model} batch {args.batch}:")
     for (x, *_), label, m, r in zip(specs, labels, med, rates):
         result.update({x.lower(): label, f"{x.lower()}_img_s": m, f"{x.lower()}_windows": r})
@@ -166,8 +196,10 @@ def main():
         ratios = [a / b for a, b in zip(rates[0], rates[i])]
         result[f"a_over_{x.lower()}"] = med[0] / med[i]
         result[f"median_ratio_a_over_{x.lower()}"] = statistics.median(ratios)
-        print(f"  A/{x}: {med[0] / med[i]:.3f} (median of per-round ratios "
-              f"{statistics.median(ratios):.3f})")
+        print(
+            f"  A/{x}: {med[0] / med[i]:.3f} (median of per-round ratios "
+            f"{statistics.median(ratios):.3f})"
+        )
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")

@@ -29,15 +29,24 @@ from dit_jax.evaluation import inception  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=64, help="images per call (rounded up to the device count)")
-    ap.add_argument("--image_size", type=int, default=256, help="side of the input images before the resize to 299")
+    ap.add_argument(
+        "--batch", type=int, default=64, help="images per call (rounded up to the device count)"
+    )
+    ap.add_argument(
+        "--image_size",
+        type=int,
+        default=256,
+        help="side of the input images before the resize to 299",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--weights", default=None)
     args = ap.parse_args()
 
     extractor = inception.load_inception(args.weights, batch_size=args.batch)
     n = extractor.batch_size
-    images = np.random.default_rng(0).integers(0, 256, (n, args.image_size, args.image_size, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(
+        0, 256, (n, args.image_size, args.image_size, 3), dtype=np.uint8
+    )
     start = time.perf_counter()
     extractor(images)
     first = time.perf_counter() - start
@@ -47,11 +56,15 @@ def main():
         extractor(images)
         rates.append(n / (time.perf_counter() - start))
     devices = jax.local_devices()
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, {len(devices)} x {devices[0].device_kind}, "
-          f"jax {jax.__version__}, python {platform.python_version()}")
-    print(f"Inception features of {n} images {args.image_size}x{args.image_size} per call: median "
-          f"{statistics.median(rates):,.1f} images/s over {args.repeats} calls (min {min(rates):,.1f}, max "
-          f"{max(rates):,.1f}); first call incl. compile {first:.1f}s")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, {len(devices)} x {devices[0].device_kind}, "
+        f"jax {jax.__version__}, python {platform.python_version()}"
+    )
+    print(
+        f"Inception features of {n} images {args.image_size}x{args.image_size} per call: median "
+        f"{statistics.median(rates):,.1f} images/s over {args.repeats} calls (min {min(rates):,.1f}, max "
+        f"{max(rates):,.1f}); first call incl. compile {first:.1f}s"
+    )
 
 
 if __name__ == "__main__":

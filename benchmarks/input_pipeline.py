@@ -27,6 +27,7 @@ from dit_jax.data import latents, pipeline, sources  # noqa: E402
 
 class RandomPosteriorAE:
     """Stands in for a VAE: random moments of the requested latent shape."""
+
     spec, scaling_factor, downsample, channels = "random", 0.18215, 8, 1
 
     def __init__(self, shape):
@@ -38,8 +39,10 @@ class RandomPosteriorAE:
 
     def encode_moments(self, images):
         n = len(images)
-        return (self.rng.standard_normal((n,) + self.shape).astype(np.float32) * 5,
-                self.rng.uniform(-12, -6, (n,) + self.shape).astype(np.float32))
+        return (
+            self.rng.standard_normal((n,) + self.shape).astype(np.float32) * 5,
+            self.rng.uniform(-12, -6, (n,) + self.shape).astype(np.float32),
+        )
 
 
 class TinyImages(sources.ImageSource):
@@ -56,6 +59,7 @@ class TinyImages(sources.ImageSource):
 
     def examples(self, u):
         from PIL import Image
+
         img = Image.fromarray(np.zeros((8, 8), np.uint8))
         for i in range(u * self.unit, min((u + 1) * self.unit, self.n)):
             yield sources.Example(f"s{i}", i % 1000, lambda: img)
@@ -82,8 +86,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "synthetic")
         t = time.perf_counter()
-        latents.encode_dataset(TinyImages(args.examples), RandomPosteriorAE(shape), out, image_size=8,
-                               batch_size=512, log=lambda *a: None)
+        latents.encode_dataset(
+            TinyImages(args.examples),
+            RandomPosteriorAE(shape),
+            out,
+            image_size=8,
+            batch_size=512,
+            log=lambda *a: None,
+        )
         write = args.examples / (time.perf_counter() - t)
         size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / args.examples
         records = pipeline.LatentRecords(out)
@@ -93,13 +103,15 @@ def main():
         def read(n=5000):
             start = rng.integers(0, len(order) - n)
             for i in range(start, start + n, 256):
-                records.__getitems__(order[i: min(i + 256, start + n)])
+                records.__getitems__(order[i : min(i + 256, start + n)])
             return n
 
         reader = timed(read, args.repeats)
         results = {}
         for threads in (1, 2):
-            p = pipeline.InputPipeline(out, global_batch_size=args.batch, seed=0, num_threads=threads, prefetch=8)
+            p = pipeline.InputPipeline(
+                out, global_batch_size=args.batch, seed=0, num_threads=threads, prefetch=8
+            )
 
             def run(steps=20):
                 for _ in range(steps):
@@ -107,9 +119,13 @@ def main():
                 return steps * args.batch
 
             results[threads] = timed(run, args.repeats)
-        print(f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}")
-        print(f"dataset: {args.examples} examples of 2x{shape} float16 mean+logvar, {size / 1024:.1f} KiB/example on disk, "
-              f"written at {write:.0f} examples/s")
+        print(
+            f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}"
+        )
+        print(
+            f"dataset: {args.examples} examples of 2x{shape} float16 mean+logvar, {size / 1024:.1f} KiB/example on disk, "
+            f"written at {write:.0f} examples/s"
+        )
         print(f"reader alone (random access + parse): {reader:,.0f} examples/s")
         for threads, rate in results.items():
             print(f"full pipeline, batch {args.batch}, {threads} thread(s): {rate:,.0f} examples/s")

@@ -30,8 +30,9 @@ MODELS = [f"{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
 
 
 def cell(model: str, topology: str, args) -> dict:
-    config = planning.with_overrides(default.get_config(), {"model.name": f"DiT-{model}",
-                                                            "batch_size": args.batch})
+    config = planning.with_overrides(
+        default.get_config(), {"model.name": f"DiT-{model}", "batch_size": args.batch}
+    )
     start = time.perf_counter()
     if args.search:
         best, plans = planning.search(config, topology, fsdp=args.fsdp or None, remat=args.remat)
@@ -40,16 +41,23 @@ def cell(model: str, topology: str, args) -> dict:
     else:
         plan, tried = planning.plan_train(config, topology), 1
     row = plan.to_json()
-    row.update(model=model, wall_seconds=time.perf_counter() - start, candidates_tried=tried,
-               jax=jax.__version__, libtpu=getattr(libtpu, "__version__", "?"))
+    row.update(
+        model=model,
+        wall_seconds=time.perf_counter() - start,
+        candidates_tried=tried,
+        jax=jax.__version__,
+        libtpu=getattr(libtpu, "__version__", "?"),
+    )
     return row
 
 
 def table(rows: list[dict]) -> str:
     gib = 2**30
-    lines = ["| model | topology | fits | plan | peak GiB/chip (of HBM) | est. img/s/chip | "
-             "est. MFU | compile s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | topology | fits | plan | peak GiB/chip (of HBM) | est. img/s/chip | "
+        "est. MFU | compile s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         o = {k.split("=")[0].removeprefix("--config."): k.split("=")[1] for k in r["overrides"]}
         plan = f"fsdp {o['mesh.fsdp']}, remat {o['model.remat']}"
@@ -58,9 +66,11 @@ def table(rows: list[dict]) -> str:
         ips = r.get("estimated_images_per_second_per_device")
         mfu = r.get("estimated_mfu")
         fits = "yes" if r["fits"] else "no"
-        lines.append(f"| {r['model']} | {r['topology']} | {fits} | {plan} | "
-                     f"{peak_txt} | {f'{ips:.0f}' if ips else '-'} | "
-                     f"{f'{mfu:.0%}' if mfu else '-'} | {r['compile_seconds']:.0f} |")
+        lines.append(
+            f"| {r['model']} | {r['topology']} | {fits} | {plan} | "
+            f"{peak_txt} | {f'{ips:.0f}' if ips else '-'} | "
+            f"{f'{mfu:.0%}' if mfu else '-'} | {r['compile_seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -71,8 +81,9 @@ def main():
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--search", action="store_true")
     p.add_argument("--fsdp", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    p.add_argument("--remat", type=lambda s: [x == "True" for x in s.split(",")],
-                   default=[False, True])
+    p.add_argument(
+        "--remat", type=lambda s: [x == "True" for x in s.split(",")], default=[False, True]
+    )
     p.add_argument("--out", default="benchmarks/plan_table.jsonl")
     p.add_argument("--table_only", action="store_true")
     args = p.parse_args()
@@ -88,8 +99,9 @@ def main():
                 row = cell(model, topology, args)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                print(f"{model} {topology}: fits={row['fits']} "
-                      f"{row['wall_seconds']:.0f}s", flush=True)
+                print(
+                    f"{model} {topology}: fits={row['fits']} {row['wall_seconds']:.0f}s", flush=True
+                )
     with open(args.out) as f:
         rows = [json.loads(line) for line in f]
     print(table(rows))

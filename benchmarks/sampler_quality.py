@@ -38,8 +38,15 @@ from dit_jax.evaluation import digits  # noqa: E402
 
 
 def sample_images(g, labels, seed, **kwargs):
-    latents = sampling.sample_latents(g.model, g.params, jnp.asarray(labels), jax.random.key(seed),
-                                      clip_denoised=g.pixel_space, **g.schedule, **kwargs)
+    latents = sampling.sample_latents(
+        g.model,
+        g.params,
+        jnp.asarray(labels),
+        jax.random.key(seed),
+        clip_denoised=g.pixel_space,
+        **g.schedule,
+        **kwargs,
+    )
     return np.asarray(g.decoder()(latents))
 
 
@@ -62,8 +69,11 @@ def parse_intervals(text: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", action="append", default=[])
-    parser.add_argument("--combine", default="", help="comma list of results.json to merge "
-                        "into one table and plot (no sampling)")
+    parser.add_argument(
+        "--combine",
+        default="",
+        help="comma list of results.json to merge into one table and plot (no sampling)",
+    )
     parser.add_argument("--samplers", default="", help="comma list (default: all of each run's)")
     parser.add_argument("--steps", default="10,20,50,250")
     parser.add_argument("--per_class", type=int, default=50)
@@ -86,34 +96,59 @@ def main():
         g = sampling.generator_from_workdir(workdir)
         if scorer is None:
             scorer = digits.DigitScorer(g.image_size)
-            print(f"classifier held-out accuracy {scorer.classifier_accuracy:.1%}; FD floor "
-                  f"{scorer.floor:.2f}", flush=True)
+            print(
+                f"classifier held-out accuracy {scorer.classifier_accuracy:.1%}; FD floor "
+                f"{scorer.floor:.2f}",
+                flush=True,
+            )
         labels = np.repeat(np.arange(g.model.num_classes, dtype=np.int32), args.per_class)
-        names = [s for s in (args.samplers.split(",") if args.samplers
-                             else sampling.samplers_for(g.interpolant))]
+        names = [
+            s
+            for s in (
+                args.samplers.split(",") if args.samplers else sampling.samplers_for(g.interpolant)
+            )
+        ]
         objective = "ddpm" if g.interpolant is None else "interpolant"
         for name in names:
             if name not in sampling.samplers_for(g.interpolant):
                 continue
-            for steps in ([0] if name == "dopri5" else steps_list):
+            for steps in [0] if name == "dopri5" else steps_list:
                 for interval in parse_intervals(args.guidance_intervals):
-                    kwargs = dict(sampler=name, steps=max(steps, 1), cfg_scale=args.cfg_scale,
-                                  guidance_channels=sampling.guidance_channels(args.guidance),
-                                  guidance_interval=interval)
+                    kwargs = dict(
+                        sampler=name,
+                        steps=max(steps, 1),
+                        cfg_scale=args.cfg_scale,
+                        guidance_channels=sampling.guidance_channels(args.guidance),
+                        guidance_interval=interval,
+                    )
                     start = time.perf_counter()
                     images = sample_images(g, labels, args.seed, **kwargs)
                     seconds = time.perf_counter() - start
-                    row = dict(workdir=workdir, step=g.step, objective=objective, sampler=name,
-                               nfe=steps if steps else None, cfg_scale=args.cfg_scale,
-                               guidance_interval=interval, samples=len(labels),
-                               seconds_with_compile=seconds, **scorer.score(images, labels))
+                    row = dict(
+                        workdir=workdir,
+                        step=g.step,
+                        objective=objective,
+                        sampler=name,
+                        nfe=steps if steps else None,
+                        cfg_scale=args.cfg_scale,
+                        guidance_interval=interval,
+                        samples=len(labels),
+                        seconds_with_compile=seconds,
+                        **scorer.score(images, labels),
+                    )
                     if not args.no_timing:
                         row["images_per_s"] = images_per_second(g, args.seed, **kwargs)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.processor() or platform.machine(),
-                cpus=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
-                classifier_held_out_accuracy=scorer.classifier_accuracy, fd_floor=scorer.floor)
+    meta = dict(
+        date=time.strftime("%Y-%m-%d"),
+        machine=platform.processor() or platform.machine(),
+        cpus=os.cpu_count(),
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        classifier_held_out_accuracy=scorer.classifier_accuracy,
+        fd_floor=scorer.floor,
+    )
     write_outputs(rows, meta, args.out)
 
 
@@ -122,30 +157,42 @@ def write_outputs(rows: list, meta: dict, out: str) -> None:
     model evaluations, one line per run kind and sampler) in `out`."""
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = ["| run | sampler | model evaluations | guidance interval | digit accuracy | FD-digits "
-             "| images/s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | sampler | model evaluations | guidance interval | digit accuracy | FD-digits "
+        "| images/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         rate = f"{r['images_per_s']:.1f}" if "images_per_s" in r else ""
         interval = "all" if r["guidance_interval"] is None else str(tuple(r["guidance_interval"]))
         nfe = "adaptive" if r["nfe"] is None else r["nfe"]
-        lines.append(f"| {r['objective']} | {r['sampler']} | {nfe} | {interval} | "
-                     f"{r['digit_accuracy']:.1%} | {r['fd_digits']:.1f} | {rate} |")
+        lines.append(
+            f"| {r['objective']} | {r['sampler']} | {nfe} | {interval} | "
+            f"{r['digit_accuracy']:.1%} | {r['fd_digits']:.1f} | {rate} |"
+        )
     table = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")
     print(table)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (objective, name) in sorted({(r["objective"], r["sampler"]) for r in rows}):
-        pts = sorted((r["nfe"], r["fd_digits"], r["digit_accuracy"]) for r in rows
-                     if r["sampler"] == name and r["objective"] == objective and r["nfe"]
-                     and r["guidance_interval"] is None)
+    for objective, name in sorted({(r["objective"], r["sampler"]) for r in rows}):
+        pts = sorted(
+            (r["nfe"], r["fd_digits"], r["digit_accuracy"])
+            for r in rows
+            if r["sampler"] == name
+            and r["objective"] == objective
+            and r["nfe"]
+            and r["guidance_interval"] is None
+        )
         if not pts:
             continue
         style = "-" if objective == "ddpm" else "--"
         label = f"{'DiT (DDPM)' if objective == 'ddpm' else 'SiT (flow)'} {name}"
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
         axes[1].plot([p[0] for p in pts], [100 * p[2] for p in pts], style, marker="o", label=label)
-    for ax, what in zip(axes, ("FD-digits (lower is better)", "digit accuracy % (higher is better)")):
+    for ax, what in zip(
+        axes, ("FD-digits (lower is better)", "digit accuracy % (higher is better)")
+    ):
         ax.set_xscale("log")
         ax.set_xlabel("model evaluations per sample")
         ax.set_ylabel(what)
@@ -154,8 +201,10 @@ def write_outputs(rows: list, meta: dict, out: str) -> None:
     axes[0].legend(fontsize=7)
     cfg = sorted({r["cfg_scale"] for r in rows})
     samples = sorted({r["samples"] for r in rows})
-    fig.suptitle(f"Demo samplers at cfg {', '.join(f'{c:g}' for c in cfg)} "
-                 f"({', '.join(map(str, samples))} samples each)")
+    fig.suptitle(
+        f"Demo samplers at cfg {', '.join(f'{c:g}' for c in cfg)} "
+        f"({', '.join(map(str, samples))} samples each)"
+    )
     fig.tight_layout()
     fig.savefig(os.path.join(out, "quality_vs_nfe.png"), dpi=110)
 

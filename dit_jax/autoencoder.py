@@ -28,6 +28,7 @@ IDENTITY_LOGVAR = -30.0  # the VAE's own clip floor: std = exp(-15) ~ 3e-7
 @dataclasses.dataclass
 class IdentityAutoencoder:
     """Pixel space as a 'latent' space: x / 127.5 - 1, padded with -1 (black) to `pad_to`."""
+
     pad_to: int = 32
     channels: int = 1
     scaling_factor: float = 1.0
@@ -42,7 +43,9 @@ class IdentityAutoencoder:
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         if image_size > self.pad_to:
-            raise ValueError(f"identity autoencoder pads to {self.pad_to}, but the images are {image_size} wide.")
+            raise ValueError(
+                f"identity autoencoder pads to {self.pad_to}, but the images are {image_size} wide."
+            )
         return (self.pad_to, self.pad_to, self.channels)
 
     def encode_moments(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,25 +53,28 @@ class IdentityAutoencoder:
         if images.ndim == 3:
             images = images[..., None]
         if images.shape[-1] != self.channels:
-            raise ValueError(f"identity autoencoder expects {self.channels} channel(s), got {images.shape[-1]}.")
+            raise ValueError(
+                f"identity autoencoder expects {self.channels} channel(s), got {images.shape[-1]}."
+            )
         x = images.astype(np.float32) / 127.5 - 1.0
         n, h, w, c = x.shape
         top, left = (self.pad_to - h) // 2, (self.pad_to - w) // 2
         mean = np.full((n, self.pad_to, self.pad_to, c), -1.0, np.float32)
-        mean[:, top: top + h, left: left + w] = x
+        mean[:, top : top + h, left : left + w] = x
         return mean, np.full_like(mean, IDENTITY_LOGVAR)
 
     def decode(self, latents, image_size: Optional[int] = None) -> np.ndarray:
         latents = np.asarray(latents, np.float32)
         size = image_size or self.pad_to
         top = (latents.shape[1] - size) // 2
-        return np.clip(latents[:, top: top + size, top: top + size], -1.0, 1.0)
+        return np.clip(latents[:, top : top + size, top : top + size], -1.0, 1.0)
 
 
 @dataclasses.dataclass
 class KLAutoencoder:
     """A diffusers AutoencoderKL (dit_jax.vae) behind the interface above; encode/decode run
     jitted over all local devices in chunks of `batch_size`."""
+
     model: object
     params: dict
     spec: str
@@ -98,19 +104,31 @@ class KLAutoencoder:
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         if image_size % self.downsample:
-            raise ValueError(f"image_size {image_size} is not a multiple of the VAE's downsampling {self.downsample}.")
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of the VAE's downsampling {self.downsample}."
+            )
         side = image_size // self.downsample
         return (side, side, self.config.latent_channels)
 
     def encode_moments(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        posterior = vae.encode_images(self.model, self.params, np.asarray(images), dtype=self.dtype,
-                                      batch_size=self.batch_size)
+        posterior = vae.encode_images(
+            self.model,
+            self.params,
+            np.asarray(images),
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+        )
         return np.asarray(posterior.mean), np.asarray(posterior.logvar)
 
     def decode(self, latents, image_size: Optional[int] = None) -> np.ndarray:
         """image_size is the VAE's own output size here (accepted for the common interface)."""
-        images = vae.decode_latents(self.model, self.params, np.asarray(latents, np.float32), dtype=self.dtype,
-                                    batch_size=self.batch_size)
+        images = vae.decode_latents(
+            self.model,
+            self.params,
+            np.asarray(latents, np.float32),
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+        )
         return np.clip(images, -1.0, 1.0)
 
 

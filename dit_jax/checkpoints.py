@@ -32,11 +32,17 @@ def train_checkpoint_manager(directory: str, config=None, *, read_only: bool = F
     from the start. `read_only` (for readers such as sampling, which may run beside training):
     never writes, deletes or cleans anything. Close it with `close_manager`."""
     if read_only:
-        options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False)
+        options = ocp.CheckpointManagerOptions(
+            read_only=True, create=False, cleanup_tmp_directories=False
+        )
     else:
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints, keep_period=config.keep_every_steps or None,
-            enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
+            max_to_keep=config.keep_checkpoints,
+            keep_period=config.keep_every_steps or None,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -73,10 +79,14 @@ def _leaf_digest(x):
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
     unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    u = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)  # 8-byte values: a trailing dim of 2
+    u = jax.lax.bitcast_convert_type(x, unsigned).astype(
+        jnp.uint32
+    )  # 8-byte values: a trailing dim of 2
     index, stride = jnp.zeros(u.shape, jnp.uint32), 1
     for d in reversed(range(u.ndim)):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(stride % 2**32)
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(
+            stride % 2**32
+        )
         stride *= u.shape[d]
 
     def weight(h):
@@ -85,8 +95,12 @@ def _leaf_digest(x):
         h = h * jnp.uint32(0x85EBCA6B)
         return (h ^ (h >> 13)) | jnp.uint32(1)
 
-    return jnp.stack([jnp.sum(u * weight(index), dtype=jnp.uint32),
-                      jnp.sum(u * weight(index ^ jnp.uint32(0x5BD1E995)), dtype=jnp.uint32)])
+    return jnp.stack(
+        [
+            jnp.sum(u * weight(index), dtype=jnp.uint32),
+            jnp.sum(u * weight(index ^ jnp.uint32(0x5BD1E995)), dtype=jnp.uint32),
+        ]
+    )
 
 
 def state_fingerprint(state, data_state: Optional[dict] = None) -> dict:
@@ -141,8 +155,12 @@ def _leaf_digest_host(x: np.ndarray) -> np.ndarray:
             return (h ^ (h >> np.uint32(13))) | np.uint32(1)
 
     with np.errstate(over="ignore"):
-        return np.stack([np.sum(u * weight(index), dtype=np.uint32),
-                         np.sum(u * weight(index ^ np.uint32(0x5BD1E995)), dtype=np.uint32)])
+        return np.stack(
+            [
+                np.sum(u * weight(index), dtype=np.uint32),
+                np.sum(u * weight(index ^ np.uint32(0x5BD1E995)), dtype=np.uint32),
+            ]
+        )
 
 
 _DIGEST_FN = None
@@ -152,10 +170,15 @@ def save_train_state(manager, step: int, state, data_state: dict, *, force: bool
     """Saves the train state (params, EMA, optimizer, step, RNG), the data iterator state and
     their fingerprint (checked by `restore_checkpoint`)."""
     fingerprint = {"step": int(step), **state_fingerprint(state, data_state)}
-    return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      data=ocp.args.JsonSave(data_state),
-                                                      **{FINGERPRINT_ITEM: ocp.args.JsonSave(fingerprint)}),
-                        force=force)
+    return manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            **{FINGERPRINT_ITEM: ocp.args.JsonSave(fingerprint)},
+        ),
+        force=force,
+    )
 
 
 def _step_dir(manager, step: int):
@@ -194,12 +217,14 @@ def _local_target(state_dir, where: str):
     try:
         metadata = ocp.StandardCheckpointer().metadata(str(state_dir))
     except Exception as e:  # a missing or damaged metadata file
-        raise CheckpointError(f"{where} cannot be restored ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:300]})") from None
+        raise CheckpointError(
+            f"{where} cannot be restored ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+        ) from None
     tree = getattr(metadata, "item_metadata", metadata)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree
+    )
 
 
 def restore_checkpoint(manager, step: int, abstract_state=None, shardings=None, log=print):
@@ -208,8 +233,11 @@ def restore_checkpoint(manager, step: int, abstract_state=None, shardings=None, 
     Raises CheckpointError naming the step and what is wrong with it."""
     where = f"checkpoint step {step} in {manager.directory}"
     if abstract_state is not None:
-        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        abstract_state, shardings)
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state,
+            shardings,
+        )
     else:
         target = _local_target(_step_dir(manager, step) / "state", where)
     items = dict(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
@@ -223,26 +251,37 @@ def restore_checkpoint(manager, step: int, abstract_state=None, shardings=None, 
         while (e.__cause__ or e.__context__) is not None:  # the innermost error names the file
             e = e.__cause__ or e.__context__
         message = " ".join(str(e).split()).split(" See full TensorStore details")[0]
-        raise CheckpointError(f"{where} cannot be restored ({type(e).__name__}: {message[:300]})") from None
+        raise CheckpointError(
+            f"{where} cannot be restored ({type(e).__name__}: {message[:300]})"
+        ) from None
     if not has_fingerprint:
-        log(f"warning: {where} has no fingerprint (written by an older version); its contents are not verified")
+        log(
+            f"warning: {where} has no fingerprint (written by an older version); its contents are not verified"
+        )
         return restored["state"], restored["data"]
     saved = restored[FINGERPRINT_ITEM]
     got = {"step": int(step), **state_fingerprint(restored["state"], restored["data"])}
     if saved != got:
-        wrong = sorted(k for k in set(saved.get("state", {})) | set(got["state"])
-                       if saved.get("state", {}).get(k) != got["state"].get(k))
+        wrong = sorted(
+            k
+            for k in set(saved.get("state", {})) | set(got["state"])
+            if saved.get("state", {}).get(k) != got["state"].get(k)
+        )
         if saved.get("data") != got.get("data"):
             wrong.append("the data iterator state")
         if saved.get("step") != step:
             wrong.append(f"the step (saved as {saved.get('step')})")
         shown = ", ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
-        raise CheckpointError(f"{where} is corrupt: its contents do not match the fingerprint written with it "
-                              f"({shown})")
+        raise CheckpointError(
+            f"{where} is corrupt: its contents do not match the fingerprint written with it "
+            f"({shown})"
+        )
     return restored["state"], restored["data"]
 
 
-def restore_train_state(manager, abstract_state=None, shardings=None, log=print, *, set_aside_bad: bool = False):
+def restore_train_state(
+    manager, abstract_state=None, shardings=None, log=print, *, set_aside_bad: bool = False
+):
     """(state, data_state, step) from the newest checkpoint that restores and verifies, or None
     if there is none. A checkpoint that fails is reported by step and the previous one is
     tried; nothing is taken from a checkpoint that fails. With `set_aside_bad`, failed steps
@@ -260,9 +299,11 @@ def restore_train_state(manager, abstract_state=None, shardings=None, log=print,
             _set_aside(manager, failures, log)
         return state, data, step
     if failures:
-        raise CheckpointError(f"none of the checkpoints in {manager.directory} (steps "
-                              f"{', '.join(map(str, sorted(failures)))}) could be restored; they were left as they "
-                              "are. Move them away to start over, or restore a backup.")
+        raise CheckpointError(
+            f"none of the checkpoints in {manager.directory} (steps "
+            f"{', '.join(map(str, sorted(failures)))}) could be restored; they were left as they "
+            "are. Move them away to start over, or restore a backup."
+        )
     return None
 
 

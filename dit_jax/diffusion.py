@@ -34,9 +34,17 @@ ModelFn = Callable[[Array, Array], Array]
 # Schedules and respacing
 # ----------------------------------------------------------------------------------------
 
-def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> np.ndarray:
-    return np.array([min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
-                     for i in range(num_steps)], dtype=np.float64)
+
+def betas_for_alpha_bar(
+    num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> np.ndarray:
+    return np.array(
+        [
+            min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+            for i in range(num_steps)
+        ],
+        dtype=np.float64,
+    )
 
 
 def named_beta_schedule(name: str, num_steps: int = 1000) -> np.ndarray:
@@ -45,7 +53,9 @@ def named_beta_schedule(name: str, num_steps: int = 1000) -> np.ndarray:
         scale = 1000 / num_steps
         return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
     if name == "cosine":
-        return betas_for_alpha_bar(num_steps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
+        return betas_for_alpha_bar(
+            num_steps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        )
     raise ValueError(f"Unknown noise schedule {name!r}; choose 'linear' or 'cosine'.")
 
 
@@ -64,15 +74,21 @@ def space_timesteps(num_steps: int, spacing: Union[str, Sequence[int]]) -> list[
             try:
                 want = int(spacing[4:])
             except ValueError:
-                raise ValueError(f"Bad respacing {spacing!r}: expected 'ddimN' with an integer N.") from None
+                raise ValueError(
+                    f"Bad respacing {spacing!r}: expected 'ddimN' with an integer N."
+                ) from None
             for stride in range(1, num_steps):
                 if len(range(0, num_steps, stride)) == want:
                     return list(range(0, num_steps, stride))
-            raise ValueError(f"Cannot make exactly {want} steps out of {num_steps} with an integer stride.")
+            raise ValueError(
+                f"Cannot make exactly {want} steps out of {num_steps} with an integer stride."
+            )
         try:
             sections = [int(s) for s in spacing.split(",")]
         except ValueError:
-            raise ValueError(f"Bad respacing {spacing!r}: expected e.g. '250', '25,10,5' or 'ddim50'.") from None
+            raise ValueError(
+                f"Bad respacing {spacing!r}: expected e.g. '250', '25,10,5' or 'ddim50'."
+            ) from None
     else:
         sections = list(spacing)
     size_per, extra = divmod(num_steps, len(sections))
@@ -80,7 +96,9 @@ def space_timesteps(num_steps: int, spacing: Union[str, Sequence[int]]) -> list[
     for i, count in enumerate(sections):
         size = size_per + (1 if i < extra else 0)
         if not 0 < count <= size:
-            raise ValueError(f"Cannot take {count} steps from a section of {size} steps (respacing {spacing!r}).")
+            raise ValueError(
+                f"Cannot take {count} steps from a section of {size} steps (respacing {spacing!r})."
+            )
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         steps += [start + round(stride * j) for j in range(count)]
         start += size
@@ -91,18 +109,24 @@ def space_timesteps(num_steps: int, spacing: Union[str, Sequence[int]]) -> list[
 # Gaussian helpers
 # ----------------------------------------------------------------------------------------
 
+
 def mean_flat(x: Array) -> Array:
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + jnp.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * jnp.exp(-logvar2)
+    )
 
 
 def approx_standard_normal_cdf(x):
-    return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
@@ -114,7 +138,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
     log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
     log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-    return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    return jnp.where(
+        x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta)
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -129,6 +155,7 @@ LOSS_TYPES = ("mse", "rescaled_mse")
 class GaussianDiffusion:
     """A (possibly respaced) diffusion process. Index i in [0, num_timesteps) is a step of
     this process; `timestep_map[i]` is the original timestep the model is called with."""
+
     betas: np.ndarray
     timestep_map: np.ndarray
     model_var_type: str = "learned_range"
@@ -140,17 +167,24 @@ class GaussianDiffusion:
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D array in (0, 1].")
         if self.model_var_type not in MODEL_VAR_TYPES:
-            raise ValueError(f"model_var_type must be one of {MODEL_VAR_TYPES}, got {self.model_var_type!r}.")
+            raise ValueError(
+                f"model_var_type must be one of {MODEL_VAR_TYPES}, got {self.model_var_type!r}."
+            )
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
         alphas = 1.0 - betas
         ac = np.cumprod(alphas)
         ac_prev = np.append(1.0, ac[:-1])
         c = dict(
-            betas=betas, log_betas=np.log(betas),
-            alphas_cumprod=ac, alphas_cumprod_prev=ac_prev, alphas_cumprod_next=np.append(ac[1:], 0.0),
-            sqrt_alphas_cumprod=np.sqrt(ac), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
-            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac), sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1),
+            betas=betas,
+            log_betas=np.log(betas),
+            alphas_cumprod=ac,
+            alphas_cumprod_prev=ac_prev,
+            alphas_cumprod_next=np.append(ac[1:], 0.0),
+            sqrt_alphas_cumprod=np.sqrt(ac),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1),
         )
         post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
         c.update(
@@ -183,31 +217,47 @@ class GaussianDiffusion:
 
     # -- forward process ------------------------------------------------------------------
     def q_sample(self, x_start: Array, t: Array, noise: Array) -> Array:
-        return (self._extract("sqrt_alphas_cumprod", t, x_start.ndim) * x_start
-                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * noise)
+        return (
+            self._extract("sqrt_alphas_cumprod", t, x_start.ndim) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * noise
+        )
 
     def q_posterior_mean_variance(self, x_start: Array, x_t: Array, t: Array):
         n = x_t.ndim
-        mean = (self._extract("posterior_mean_coef1", t, n) * x_start
-                + self._extract("posterior_mean_coef2", t, n) * x_t)
-        return mean, self._extract("posterior_variance", t, n), self._extract("posterior_log_variance_clipped", t, n)
+        mean = (
+            self._extract("posterior_mean_coef1", t, n) * x_start
+            + self._extract("posterior_mean_coef2", t, n) * x_t
+        )
+        return (
+            mean,
+            self._extract("posterior_variance", t, n),
+            self._extract("posterior_log_variance_clipped", t, n),
+        )
 
     def predict_xstart_from_eps(self, x_t: Array, t: Array, eps: Array) -> Array:
         n = x_t.ndim
-        return self._extract("sqrt_recip_alphas_cumprod", t, n) * x_t - self._extract("sqrt_recipm1_alphas_cumprod", t, n) * eps
+        return (
+            self._extract("sqrt_recip_alphas_cumprod", t, n) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, n) * eps
+        )
 
     def predict_eps_from_xstart(self, x_t: Array, t: Array, pred_xstart: Array) -> Array:
         n = x_t.ndim
-        return ((self._extract("sqrt_recip_alphas_cumprod", t, n) * x_t - pred_xstart)
-                / self._extract("sqrt_recipm1_alphas_cumprod", t, n))
+        return (
+            self._extract("sqrt_recip_alphas_cumprod", t, n) * x_t - pred_xstart
+        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, n)
 
     # -- reverse process ------------------------------------------------------------------
-    def p_mean_variance_from_output(self, model_output: Array, x: Array, t: Array, clip_denoised: bool = False) -> dict:
+    def p_mean_variance_from_output(
+        self, model_output: Array, x: Array, t: Array, clip_denoised: bool = False
+    ) -> dict:
         """p(x_{t-1} | x_t) from a model output already computed at (x, t)."""
         n, c = x.ndim, x.shape[-1]
         if self.model_var_type == "learned_range":
             if model_output.shape[-1] != 2 * c:
-                raise ValueError(f"learned sigma needs {2 * c} output channels, the model gave {model_output.shape[-1]}.")
+                raise ValueError(
+                    f"learned sigma needs {2 * c} output channels, the model gave {model_output.shape[-1]}."
+                )
             eps, v = model_output[..., :c], model_output[..., c:]
             min_log = self._extract("posterior_log_variance_clipped", t, n)
             max_log = self._extract("log_betas", t, n)
@@ -228,9 +278,13 @@ class GaussianDiffusion:
         if clip_denoised:
             pred_xstart = jnp.clip(pred_xstart, -1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart)
+        return dict(
+            mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart
+        )
 
-    def p_mean_variance(self, model_fn: ModelFn, x: Array, t: Array, clip_denoised: bool = False) -> dict:
+    def p_mean_variance(
+        self, model_fn: ModelFn, x: Array, t: Array, clip_denoised: bool = False
+    ) -> dict:
         """t: [N] indices of this (possibly respaced) process."""
         out = model_fn(x, self.model_timesteps(t))
         return self.p_mean_variance_from_output(out, x, t, clip_denoised)
@@ -261,7 +315,9 @@ class GaussianDiffusion:
         discretised decoder NLL at t == 0."""
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance_from_output(model_output, x_t, t)
-        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = mean_flat(
+            normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])
+        ) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
         nll = mean_flat(nll) / math.log(2.0)
         return jnp.where(t == 0, nll, kl)
@@ -272,20 +328,33 @@ class GaussianDiffusion:
         from `key` folded with the step number."""
         if step_noise is not None:
             if tuple(step_noise.shape) != (self.num_timesteps,) + tuple(shape):
-                raise ValueError(f"step_noise must have shape {(self.num_timesteps,) + tuple(shape)}, got {step_noise.shape}.")
+                raise ValueError(
+                    f"step_noise must have shape {(self.num_timesteps,) + tuple(shape)}, got {step_noise.shape}."
+                )
             return lambda i, given: given, step_noise
         if key is None:
             return lambda i, given: jnp.zeros(shape, jnp.float32), None
-        return lambda i, given: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32), None
+        return lambda i, given: jax.random.normal(
+            jax.random.fold_in(key, i), shape, jnp.float32
+        ), None
 
-    def p_sample(self, model_fn: ModelFn, x: Array, t: Array, noise: Array, clip_denoised: bool = False) -> dict:
+    def p_sample(
+        self, model_fn: ModelFn, x: Array, t: Array, noise: Array, clip_denoised: bool = False
+    ) -> dict:
         out = self.p_mean_variance(model_fn, x, t, clip_denoised)
         nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
         out["sample"] = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
         return out
 
-    def p_sample_loop(self, model_fn: ModelFn, noise: Array, *, key: Optional[Array] = None,
-                      step_noise: Optional[Array] = None, clip_denoised: bool = False) -> Array:
+    def p_sample_loop(
+        self,
+        model_fn: ModelFn,
+        noise: Array,
+        *,
+        key: Optional[Array] = None,
+        step_noise: Optional[Array] = None,
+        clip_denoised: bool = False,
+    ) -> Array:
         """Ancestral DDPM sampling from x_T = `noise` down to x_0, one `lax.scan`."""
         if key is None and step_noise is None:
             raise ValueError("DDPM sampling needs a PRNG `key` (or explicit `step_noise`).")
@@ -301,21 +370,35 @@ class GaussianDiffusion:
         x, _ = jax.lax.scan(body, noise, (steps, given if given is not None else steps))
         return x
 
-    def ddim_sample(self, model_fn: ModelFn, x: Array, t: Array, noise: Array, eta: float = 0.0,
-                    clip_denoised: bool = False) -> Array:
+    def ddim_sample(
+        self,
+        model_fn: ModelFn,
+        x: Array,
+        t: Array,
+        noise: Array,
+        eta: float = 0.0,
+        clip_denoised: bool = False,
+    ) -> Array:
         n = x.ndim
         out = self.p_mean_variance(model_fn, x, t, clip_denoised)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
         ab = self._extract("alphas_cumprod", t, n)
         ab_prev = self._extract("alphas_cumprod_prev", t, n)
         sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)
-        mean = out["pred_xstart"] * jnp.sqrt(ab_prev) + jnp.sqrt(1 - ab_prev - sigma ** 2) * eps
+        mean = out["pred_xstart"] * jnp.sqrt(ab_prev) + jnp.sqrt(1 - ab_prev - sigma**2) * eps
         nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (n - 1))
         return mean + nonzero * sigma * noise
 
-    def ddim_sample_loop(self, model_fn: ModelFn, noise: Array, *, eta: float = 0.0,
-                         key: Optional[Array] = None, step_noise: Optional[Array] = None,
-                         clip_denoised: bool = False) -> Array:
+    def ddim_sample_loop(
+        self,
+        model_fn: ModelFn,
+        noise: Array,
+        *,
+        eta: float = 0.0,
+        key: Optional[Array] = None,
+        step_noise: Optional[Array] = None,
+        clip_denoised: bool = False,
+    ) -> Array:
         """DDIM sampling from x_T = `noise`; deterministic for eta = 0 (no key needed)."""
         if eta != 0 and key is None and step_noise is None:
             raise ValueError("DDIM with eta > 0 needs a PRNG `key` (or explicit `step_noise`).")
@@ -331,7 +414,9 @@ class GaussianDiffusion:
         x, _ = jax.lax.scan(body, noise, (steps, given if given is not None else steps))
         return x
 
-    def ddim_reverse_sample(self, model_fn: ModelFn, x: Array, t: Array, clip_denoised: bool = False) -> Array:
+    def ddim_reverse_sample(
+        self, model_fn: ModelFn, x: Array, t: Array, clip_denoised: bool = False
+    ) -> Array:
         """One deterministic DDIM step towards noise: x at index t -> x at index t + 1."""
         n = x.ndim
         out = self.p_mean_variance(model_fn, x, t, clip_denoised)
@@ -339,34 +424,54 @@ class GaussianDiffusion:
         ab_next = self._extract("alphas_cumprod_next", t, n)
         return out["pred_xstart"] * jnp.sqrt(ab_next) + jnp.sqrt(1 - ab_next) * eps
 
-    def ddim_reverse_sample_loop(self, model_fn: ModelFn, x_start: Array, clip_denoised: bool = False) -> Array:
+    def ddim_reverse_sample_loop(
+        self, model_fn: ModelFn, x_start: Array, clip_denoised: bool = False
+    ) -> Array:
         """DDIM inversion: x_0 -> x_T. `ddim_sample_loop` (eta=0) from the result reconstructs x_0."""
         n = x_start.shape[0]
 
         def body(x, i):
-            return self.ddim_reverse_sample(model_fn, x, jnp.full((n,), i, jnp.int32), clip_denoised), None
+            return self.ddim_reverse_sample(
+                model_fn, x, jnp.full((n,), i, jnp.int32), clip_denoised
+            ), None
 
         x, _ = jax.lax.scan(body, x_start, jnp.arange(self.num_timesteps))
         return x
 
 
-def create_diffusion(timestep_respacing: Union[str, Sequence[int], None] = "", *, noise_schedule: str = "linear",
-                     diffusion_steps: int = 1000, learn_sigma: bool = True, sigma_small: bool = False,
-                     rescale_learned_sigmas: bool = True) -> GaussianDiffusion:
+def create_diffusion(
+    timestep_respacing: Union[str, Sequence[int], None] = "",
+    *,
+    noise_schedule: str = "linear",
+    diffusion_steps: int = 1000,
+    learn_sigma: bool = True,
+    sigma_small: bool = False,
+    rescale_learned_sigmas: bool = True,
+) -> GaussianDiffusion:
     """The diffusion DiT uses: `create_diffusion("")` for training (1000 steps),
     `create_diffusion("250")` for sampling, `create_diffusion("ddim50")` for DDIM.
 
     The same arguments return the same (immutable) object, so it can be a static argument
     of `jax.jit` without recompiling."""
-    spacing = timestep_respacing if isinstance(timestep_respacing, str) or timestep_respacing is None \
+    spacing = (
+        timestep_respacing
+        if isinstance(timestep_respacing, str) or timestep_respacing is None
         else tuple(timestep_respacing)
-    return _create_diffusion(spacing, noise_schedule, diffusion_steps, learn_sigma, sigma_small,
-                             rescale_learned_sigmas)
+    )
+    return _create_diffusion(
+        spacing, noise_schedule, diffusion_steps, learn_sigma, sigma_small, rescale_learned_sigmas
+    )
 
 
 @functools.lru_cache(maxsize=64)
-def _create_diffusion(timestep_respacing, noise_schedule, diffusion_steps, learn_sigma, sigma_small,
-                      rescale_learned_sigmas) -> GaussianDiffusion:
+def _create_diffusion(
+    timestep_respacing,
+    noise_schedule,
+    diffusion_steps,
+    learn_sigma,
+    sigma_small,
+    rescale_learned_sigmas,
+) -> GaussianDiffusion:
     betas = named_beta_schedule(noise_schedule, diffusion_steps)
     keep = space_timesteps(diffusion_steps, timestep_respacing or "")
     ac = np.cumprod(1.0 - betas)
@@ -375,14 +480,23 @@ def _create_diffusion(timestep_respacing, noise_schedule, diffusion_steps, learn
         new_betas.append(1.0 - ac[i] / last)
         last = ac[i]
     var_type = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
-    return GaussianDiffusion(betas=np.array(new_betas), timestep_map=np.array(keep), model_var_type=var_type,
-                             loss_type="rescaled_mse" if rescale_learned_sigmas else "mse",
-                             original_num_steps=diffusion_steps)
+    return GaussianDiffusion(
+        betas=np.array(new_betas),
+        timestep_map=np.array(keep),
+        model_var_type=var_type,
+        loss_type="rescaled_mse" if rescale_learned_sigmas else "mse",
+        original_num_steps=diffusion_steps,
+    )
 
 
-def cfg_model_fn(apply_fn: Callable[..., Array], labels: Array, null_label: int, cfg_scale: float,
-                 guidance_channels: Optional[int] = 3,
-                 guidance_interval: Optional[tuple[float, float]] = None) -> ModelFn:
+def cfg_model_fn(
+    apply_fn: Callable[..., Array],
+    labels: Array,
+    null_label: int,
+    cfg_scale: float,
+    guidance_channels: Optional[int] = 3,
+    guidance_interval: Optional[tuple[float, float]] = None,
+) -> ModelFn:
     """A guided model function over B samples: runs `apply_fn(x2, t2, y2)` once on the doubled
     batch (conditional labels, then null labels) and mixes the halves with
     `models.classifier_free_guidance` (guidance_channels=3: the official sampler's first three

@@ -32,4 +32,6 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
 def cache_dir() -> str:
     """$DIT_JAX_CACHE, else ~/.cache/dit_jax: the embedded dataset, the digit classifier and
     downloaded weights live here."""
-    return os.environ.get("DIT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit_jax")
+    return os.environ.get("DIT_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dit_jax"
+    )

@@ -21,10 +21,20 @@ from dit_jax import models
 
 #: Dense bf16 peak FLOP/s per device by `device_kind` prefix (vendor figures).
 PEAK_FLOPS = {
-    "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H20": 148e12, "NVIDIA A100": 312e12,
-    "NVIDIA GH200": 989e12, "NVIDIA B200": 2250e12,
+    "TPU v3": 123e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H20": 148e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA GH200": 989e12,
+    "NVIDIA B200": 2250e12,
 }
 
 
@@ -105,8 +115,12 @@ def forward_flops(model: models.DiT, batch: int = 1) -> int:
 def model_stats(name: str, input_size: int = 32, **overrides) -> dict:
     model = models.create_model(name, input_size=input_size, **overrides)
     model.check_config()
-    return dict(name=models.canonical_name(name), params=models.count_params(models.abstract_params(model)),
-                gflops=forward_flops(model) / 1e9, tokens=model.num_patches)
+    return dict(
+        name=models.canonical_name(name),
+        params=models.count_params(models.abstract_params(model)),
+        gflops=forward_flops(model) / 1e9,
+        tokens=model.num_patches,
+    )
 
 
 def format_table(rows) -> str:

@@ -73,6 +73,7 @@ class Interpolant:
     on VP, 1e-3/1e-3 for noise or score prediction on Linear/GVP, and 0 for velocity
     prediction on Linear/GVP (stable on all of [0, 1]).
     """
+
     path: str = "Linear"
     prediction: str = "velocity"
     loss_weight: Optional[str] = None
@@ -82,23 +83,29 @@ class Interpolant:
     beta_max: float = 20.0  # VP only (the reference's sigma_max)
 
     def __post_init__(self):
-        for value, choices, what in ((self.path, PATHS, "path"),
-                                     (self.prediction, PREDICTIONS, "prediction"),
-                                     (self.loss_weight, LOSS_WEIGHTS, "loss_weight")):
+        for value, choices, what in (
+            (self.path, PATHS, "path"),
+            (self.prediction, PREDICTIONS, "prediction"),
+            (self.loss_weight, LOSS_WEIGHTS, "loss_weight"),
+        ):
             if value not in choices:
                 raise ValueError(f"Unknown {what} {value!r}; choose one of {choices}.")
         if self.prediction == "velocity" and self.loss_weight is not None:
-            raise ValueError(f"loss_weight={self.loss_weight!r} applies to noise and score "
-                             "prediction only (the reference ignores it for velocity).")
+            raise ValueError(
+                f"loss_weight={self.loss_weight!r} applies to noise and score "
+                "prediction only (the reference ignores it for velocity)."
+            )
         if self.path == "VP":
             train, sample = 1e-5, 1e-3
         elif self.prediction != "velocity":
             train, sample = 1e-3, 1e-3
         else:
             if any(e not in (None, 0) for e in (self.train_eps, self.sample_eps)):
-                raise ValueError("Velocity prediction on the Linear and GVP paths uses all of "
-                                 "[0, 1]; the reference replaces train_eps/sample_eps by 0 there, "
-                                 "so leave them unset.")
+                raise ValueError(
+                    "Velocity prediction on the Linear and GVP paths uses all of "
+                    "[0, 1]; the reference replaces train_eps/sample_eps by 0 there, "
+                    "so leave them unset."
+                )
             train, sample = 0.0, 0.0
         train = train if self.train_eps is None else self.train_eps
         sample = sample if self.sample_eps is None else self.sample_eps
@@ -144,7 +151,7 @@ class Interpolant:
             return 0.5 * beta, beta / 2
         ratio = 1 / t if self.path == "Linear" else np.pi / (2 * jnp.tan(t * np.pi / 2))
         s, ds = self.sigma(t)
-        return ratio, ratio * s ** 2 - s * ds
+        return ratio, ratio * s**2 - s * ds
 
     def plan(self, t: Array, x0: Array, x1: Array) -> tuple[Array, Array]:
         """t [B], noise x0 and data x1 [B,H,W,C] -> (x_t, u_t), both [B,H,W,C]."""
@@ -158,7 +165,7 @@ class Interpolant:
         a, da = self.alpha(_like(t, x))
         s, ds = self.sigma(_like(t, x))
         r = a / da
-        return (r * v - x) / (s ** 2 - r * ds * s)
+        return (r * v - x) / (s**2 - r * ds * s)
 
     def noise_from_velocity(self, v: Array, x: Array, t: Array) -> Array:
         """Velocity v at (x, t) -> the noise x0 it implies; [B,H,W,C] with t [B]."""
@@ -215,9 +222,15 @@ class Interpolant:
         raise ValueError(f"Unknown diffusion_form {form!r}; choose one of {DIFFUSION_FORMS}.")
 
     # -- training --------------------------------------------------------------------------
-    def time_interval(self, *, sde: bool = False, diffusion_form: str = "SBDM",
-                      last_step_size: float = 0.0, reverse: bool = False,
-                      train: bool = False) -> tuple[float, float]:
+    def time_interval(
+        self,
+        *,
+        sde: bool = False,
+        diffusion_form: str = "SBDM",
+        last_step_size: float = 0.0,
+        reverse: bool = False,
+        train: bool = False,
+    ) -> tuple[float, float]:
         """(t0, t1) as the reference's `check_interval`: training (train=True, eps =
         train_eps) or sampling (eps = sample_eps); the SDE ends at 1 - last_step_size."""
         eps = self.train_eps if train else self.sample_eps
@@ -238,8 +251,15 @@ class Interpolant:
         t0, t1 = self.time_interval(train=True)
         return jax.random.uniform(key, (batch,), jnp.float32) * (t1 - t0) + t0
 
-    def training_losses(self, model_fn: ModelFn, x1: Array, key: Optional[Array] = None, *,
-                        t: Optional[Array] = None, noise: Optional[Array] = None) -> dict:
+    def training_losses(
+        self,
+        model_fn: ModelFn,
+        x1: Array,
+        key: Optional[Array] = None,
+        *,
+        t: Optional[Array] = None,
+        noise: Optional[Array] = None,
+    ) -> dict:
         """Per-example loss of data x1 [B,H,W,C]: t [B] and noise x0 [B,H,W,C] are drawn from
         `key` unless given. Returns {'loss' [B], 'weight' [B], 't', 'noise', 'x_t', 'pred'}.
 
@@ -248,8 +268,9 @@ class Interpolant:
         ('likelihood'), g the SBDM diffusion."""
         if t is None or noise is None:
             if key is None:
-                raise ValueError("training_losses needs a PRNG `key` unless t and noise are "
-                                 "both given.")
+                raise ValueError(
+                    "training_losses needs a PRNG `key` unless t and noise are both given."
+                )
             key_t, key_n = jax.random.split(key)
             t = self.sample_t(key_t, x1.shape[0]) if t is None else t
             noise = jax.random.normal(key_n, x1.shape, x1.dtype) if noise is None else noise
@@ -262,11 +283,12 @@ class Interpolant:
         else:
             g = self.drift_coefficients(t)[1]
             s = self.sigma(t)[0]
-            weight = {None: jnp.ones_like(t), "velocity": (g / s) ** 2,
-                      "likelihood": g / s ** 2}[self.loss_weight]
+            weight = {None: jnp.ones_like(t), "velocity": (g / s) ** 2, "likelihood": g / s**2}[
+                self.loss_weight
+            ]
             s, w = _like(s, x1), _like(weight, x1)
             err = pred - noise if self.prediction == "noise" else pred * s + noise
-            loss = mean_flat(w * err ** 2)
+            loss = mean_flat(w * err**2)
         return {"loss": loss, "weight": weight, "t": t, "noise": noise, "x_t": x_t, "pred": pred}
 
     # -- sampling --------------------------------------------------------------------------
@@ -286,7 +308,7 @@ class Interpolant:
         if kind == "Euler":
             return x + self.velocity_from_output(out, x, t) * size
         a, s = self.alpha(_like(t, x))[0], self.sigma(_like(t, x))[0]
-        return x / a + s ** 2 / a * self.score_from_output(out, x, t)
+        return x / a + s**2 / a * self.score_from_output(out, x, t)
 
     def _check_finite(self, what: str, times, fn) -> None:
         """Raise if `fn(out, x, t)` (the sampler's coefficients) is not finite at a time the
@@ -301,22 +323,37 @@ class Interpolant:
                         f"evaluates a non-finite coefficient at t = {float(tv):g} (the reference "
                         "returns NaN or inf there). Move the interval off the singular end: e.g. "
                         "diffusion_form='sigma' instead of 'SBDM' at t = 0, a last step for the "
-                        "Heun SDE, or a nonzero sample_eps.")
+                        "Heun SDE, or a nonzero sample_eps."
+                    )
 
     def ode_grid(self, num_steps: int, reverse: bool = False) -> np.ndarray:
         """[num_steps] float32 times of the fixed ODE grid (noise -> data, or back)."""
         return linspace(*self.time_interval(reverse=reverse), num_steps)
 
-    def sde_grid(self, num_steps: int, diffusion_form: str = "SBDM",
-                 last_step_size: float = 0.04) -> np.ndarray:
+    def sde_grid(
+        self, num_steps: int, diffusion_form: str = "SBDM", last_step_size: float = 0.04
+    ) -> np.ndarray:
         """[num_steps] float32 SDE times; the last one is where the last step starts."""
-        return linspace(*self.time_interval(sde=True, diffusion_form=diffusion_form,
-                                            last_step_size=last_step_size), num_steps)
+        return linspace(
+            *self.time_interval(
+                sde=True, diffusion_form=diffusion_form, last_step_size=last_step_size
+            ),
+            num_steps,
+        )
 
-    def sample_ode(self, model_fn: ModelFn, x: Array, *, method: str = "dopri5",
-                   num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3,
-                   reverse: bool = False, return_trajectory: bool = False,
-                   max_steps: int = 4096) -> Array:
+    def sample_ode(
+        self,
+        model_fn: ModelFn,
+        x: Array,
+        *,
+        method: str = "dopri5",
+        num_steps: int = 50,
+        atol: float = 1e-6,
+        rtol: float = 1e-3,
+        reverse: bool = False,
+        return_trajectory: bool = False,
+        max_steps: int = 4096,
+    ) -> Array:
         """Integrate the probability-flow ODE from noise x [B,H,W,C] (t0 ~ 0) to data (t1 ~ 1),
         or from data back to noise with reverse=True.
 
@@ -327,11 +364,15 @@ class Interpolant:
         if method not in ODE_METHODS:
             raise ValueError(f"Unknown ODE method {method!r}; choose one of {ODE_METHODS}.")
         if num_steps < 2:
-            raise ValueError("num_steps counts grid points including both ends; need >= 2, "
-                             f"got {num_steps}.")
+            raise ValueError(
+                f"num_steps counts grid points including both ends; need >= 2, got {num_steps}."
+            )
         g = self.ode_grid(num_steps, reverse)
-        self._check_finite(f"The {method} ODE", g if method != "euler" else g[:-1],
-                           lambda o, y, t: self.velocity_from_output(o, y, t))
+        self._check_finite(
+            f"The {method} ODE",
+            g if method != "euler" else g[:-1],
+            lambda o, y, t: self.velocity_from_output(o, y, t),
+        )
         n = x.shape[0]
 
         def drift(y, t):
@@ -354,11 +395,21 @@ class Interpolant:
         y, ys = jax.lax.scan(body, x, (g[:-1], g[1:]))
         return jnp.concatenate([x[None], ys]) if return_trajectory else y
 
-    def sample_sde(self, model_fn: ModelFn, x: Array, *, method: str = "Euler",
-                   diffusion_form: str = "SBDM", diffusion_norm: float = 1.0,
-                   last_step: Optional[str] = "Mean", last_step_size: float = 0.04,
-                   num_steps: int = 250, key: Optional[Array] = None,
-                   step_noise: Optional[Array] = None, return_trajectory: bool = False) -> Array:
+    def sample_sde(
+        self,
+        model_fn: ModelFn,
+        x: Array,
+        *,
+        method: str = "Euler",
+        diffusion_form: str = "SBDM",
+        diffusion_norm: float = 1.0,
+        last_step: Optional[str] = "Mean",
+        last_step_size: float = 0.04,
+        num_steps: int = 250,
+        key: Optional[Array] = None,
+        step_noise: Optional[Array] = None,
+        return_trajectory: bool = False,
+    ) -> Array:
         """Integrate the SDE dx = [v + w score] dt + sqrt(2 w) dW from noise x [B,H,W,C].
 
         num_steps grid points over [t0, 1 - last_step_size]: num_steps - 1 noisy steps
@@ -372,8 +423,9 @@ class Interpolant:
         if last_step not in LAST_STEPS:
             raise ValueError(f"Unknown last_step {last_step!r}; choose one of {LAST_STEPS}.")
         if num_steps < 2:
-            raise ValueError("num_steps counts grid points including both ends; need >= 2, "
-                             f"got {num_steps}.")
+            raise ValueError(
+                f"num_steps counts grid points including both ends; need >= 2, got {num_steps}."
+            )
         self.diffusion(0.5, diffusion_form)  # validates the form
         if last_step is None:
             last_step_size = 0.0
@@ -382,18 +434,26 @@ class Interpolant:
         form, norm = diffusion_form, diffusion_norm
         # Heun's second stage is at t_i + dt, which is t_{i+1} up to rounding: check both.
         times = g[:-1] if method == "Euler" else np.concatenate([g, g[:-1] + dt])
-        self._check_finite(f"The {method} SDE", times,
-                           lambda o, y, t: self._sde_drift(o, y, t, form, norm)
-                           + jnp.sqrt(2 * self.diffusion(t, form, norm)))
+        self._check_finite(
+            f"The {method} SDE",
+            times,
+            lambda o, y, t: (
+                self._sde_drift(o, y, t, form, norm) + jnp.sqrt(2 * self.diffusion(t, form, norm))
+            ),
+        )
         if last_step is not None:
-            self._check_finite(f"The SDE's {last_step} last step", g[-1:],
-                               lambda o, y, t: self._last_step(last_step, o, y, t, last_step_size,
-                                                               form, norm))
+            self._check_finite(
+                f"The SDE's {last_step} last step",
+                g[-1:],
+                lambda o, y, t: self._last_step(last_step, o, y, t, last_step_size, form, norm),
+            )
         shape, n = x.shape, x.shape[0]
         if step_noise is not None:
             if tuple(step_noise.shape) != (num_steps - 1,) + tuple(shape):
-                raise ValueError(f"step_noise must have shape {(num_steps - 1,) + tuple(shape)}, "
-                                 f"got {tuple(step_noise.shape)}.")
+                raise ValueError(
+                    f"step_noise must have shape {(num_steps - 1,) + tuple(shape)}, "
+                    f"got {tuple(step_noise.shape)}."
+                )
         elif key is None:
             raise ValueError("SDE sampling needs a PRNG `key` (or explicit `step_noise`).")
 
@@ -407,8 +467,11 @@ class Interpolant:
 
         def body(y, inputs):
             i, t, given = inputs
-            w = given if step_noise is not None else jax.random.normal(jax.random.fold_in(key, i),
-                                                                       shape, jnp.float32)
+            w = (
+                given
+                if step_noise is not None
+                else jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+            )
             scale = jnp.sqrt(2 * self.diffusion(t, form, norm)) * (w * jnp.sqrt(dt))
             if method == "Euler":
                 y = y + drift(y, t) * dt + scale
@@ -434,9 +497,17 @@ def _dopri5(drift, x, grid, atol, rtol, return_trajectory, max_steps):
 
     term = diffrax.ODETerm(lambda t, y, args: drift(y, t))
     saveat = diffrax.SaveAt(ts=grid) if return_trajectory else diffrax.SaveAt(t1=True)
-    sol = diffrax.diffeqsolve(term, diffrax.Dopri5(), grid[0], grid[-1], None, x, saveat=saveat,
-                              stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                              max_steps=max_steps)
+    sol = diffrax.diffeqsolve(
+        term,
+        diffrax.Dopri5(),
+        grid[0],
+        grid[-1],
+        None,
+        x,
+        saveat=saveat,
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        max_steps=max_steps,
+    )
     return sol.ys if return_trajectory else sol.ys[0]
 
 
@@ -447,12 +518,26 @@ def from_config(config) -> Interpolant:
     return Interpolant(config.path, config.prediction, None if weight in ("none", None) else weight)
 
 
-def create_interpolant(path_type: str = "Linear", prediction: str = "velocity",
-                       loss_weight: Optional[str] = None, train_eps: Optional[float] = None,
-                       sample_eps: Optional[float] = None) -> Interpolant:
+def create_interpolant(
+    path_type: str = "Linear",
+    prediction: str = "velocity",
+    loss_weight: Optional[str] = None,
+    train_eps: Optional[float] = None,
+    sample_eps: Optional[float] = None,
+) -> Interpolant:
     """The reference's `create_transport` signature."""
     return Interpolant(path_type, prediction, loss_weight, train_eps, sample_eps)
 
 
-__all__ = ["Interpolant", "create_interpolant", "mean_flat", "PATHS", "PREDICTIONS",
-           "LOSS_WEIGHTS", "DIFFUSION_FORMS", "LAST_STEPS", "ODE_METHODS", "SDE_METHODS"]
+__all__ = [
+    "Interpolant",
+    "create_interpolant",
+    "mean_flat",
+    "PATHS",
+    "PREDICTIONS",
+    "LOSS_WEIGHTS",
+    "DIFFUSION_FORMS",
+    "LAST_STEPS",
+    "ODE_METHODS",
+    "SDE_METHODS",
+]

@@ -19,25 +19,35 @@ from dit_jax import cli, sampling
 from dit_jax.data import sources
 from dit_jax.evaluation import metrics
 
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "A training workdir: its config, autoencoder and EMA weights.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Or: a dit_jax checkpoint dir or official "
-                                  ".pt/.safetensors/.npz.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A training workdir: its config, autoencoder and EMA weights."
+)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Or: a dit_jax checkpoint dir or official .pt/.safetensors/.npz."
+)
 _MODEL = flags.DEFINE_string("model", "DiT-XL/2", "With --checkpoint: the model name.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "With --checkpoint: the image side.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "With --checkpoint: number of classes.")
-_VAE = flags.DEFINE_string("vae", "stabilityai/sd-vae-ft-ema",
-                           "With --checkpoint: diffusers folder or hub id.")
+_VAE = flags.DEFINE_string(
+    "vae", "stabilityai/sd-vae-ft-ema", "With --checkpoint: diffusers folder or hub id."
+)
 _IMAGES = flags.DEFINE_list("images", None, "Image files to invert.")
-_LABELS = flags.DEFINE_list("labels", None,
-                            "The class of each image (one label for all, or one per image).")
+_LABELS = flags.DEFINE_list(
+    "labels", None, "The class of each image (one label for all, or one per image)."
+)
 _STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
-_CFG_SCALE = flags.DEFINE_float("cfg_scale", 1.0, "Guidance scale during inversion and "
-                                "reconstruction (1 = off).")
-_GUIDANCE = flags.DEFINE_enum("guidance", None, list(sampling.GUIDANCE), "Guided channels (see "
-                              "dit_jax.sample); default: the run's configured guidance.")
-_OUTPUT = flags.DEFINE_string("output", "inverted.png",
-                              "PNG: inputs (left) and reconstructions (right).")
+_CFG_SCALE = flags.DEFINE_float(
+    "cfg_scale", 1.0, "Guidance scale during inversion and reconstruction (1 = off)."
+)
+_GUIDANCE = flags.DEFINE_enum(
+    "guidance",
+    None,
+    list(sampling.GUIDANCE),
+    "Guided channels (see dit_jax.sample); default: the run's configured guidance.",
+)
+_OUTPUT = flags.DEFINE_string(
+    "output", "inverted.png", "PNG: inputs (left) and reconstructions (right)."
+)
 _NOISE_OUTPUT = flags.DEFINE_string("noise_output", None, "Also write the inverted noise (.npz).")
 
 
@@ -48,8 +58,12 @@ def main(argv):
         g = sampling.generator_from_workdir(_WORKDIR.value)
     elif _CHECKPOINT.value:
         g = sampling.generator_from_checkpoint(
-            _CHECKPOINT.value, model_name=_MODEL.value, image_size=_IMAGE_SIZE.value,
-            num_classes=_NUM_CLASSES.value, vae=_VAE.value)
+            _CHECKPOINT.value,
+            model_name=_MODEL.value,
+            image_size=_IMAGE_SIZE.value,
+            num_classes=_NUM_CLASSES.value,
+            vae=_VAE.value,
+        )
     else:
         raise ValueError("give --workdir (a training run) or --checkpoint.")
     ae = autoencoder_lib.load_autoencoder(g.autoencoder_spec)
@@ -61,25 +75,37 @@ def main(argv):
     if len(labels) == 1:
         labels = labels * len(images)
     if len(labels) != len(images):
-        raise ValueError(f"give one label, or one per image: {len(images)} images, "
-                         f"labels {_LABELS.value}.")
+        raise ValueError(
+            f"give one label, or one per image: {len(images)} images, labels {_LABELS.value}."
+        )
     if min(labels) < 0 or max(labels) >= g.model.num_classes:
-        raise ValueError(f"--labels must be in [0, {g.model.num_classes - 1}], got {_LABELS.value}.")
+        raise ValueError(
+            f"--labels must be in [0, {g.model.num_classes - 1}], got {_LABELS.value}."
+        )
     mean, _ = ae.encode_moments(images)
     noise, recon = sampling.invert_latents(
-        g.model, g.params, jnp.asarray(mean * g.scaling_factor), jnp.asarray(labels, jnp.int32),
-        steps=_STEPS.value, cfg_scale=_CFG_SCALE.value,
+        g.model,
+        g.params,
+        jnp.asarray(mean * g.scaling_factor),
+        jnp.asarray(labels, jnp.int32),
+        steps=_STEPS.value,
+        cfg_scale=_CFG_SCALE.value,
         guidance_channels=sampling.guidance_channels(_GUIDANCE.value or g.guidance),
-        clip_denoised=g.pixel_space, **g.schedule)
-    decoded = sampling.images_to_uint8(sampling.latent_decoder(ae, g.scaling_factor,
-                                                               g.image_size)(recon))
+        clip_denoised=g.pixel_space,
+        **g.schedule,
+    )
+    decoded = sampling.images_to_uint8(
+        sampling.latent_decoder(ae, g.scaling_factor, g.image_size)(recon)
+    )
     pairs = np.stack([images, decoded], axis=1).reshape(-1, *images.shape[1:])
     sampling.save_png(sampling.make_grid(pairs, ncol=2), _OUTPUT.value)
     if _NOISE_OUTPUT.value:
         np.savez(_NOISE_OUTPUT.value, noise=np.asarray(noise), labels=np.asarray(labels, np.int32))
     for path, value in zip(_IMAGES.value, metrics.psnr(images, decoded)):
         print(f"{path}: reconstruction PSNR {value:.1f} dB")
-    print(f"-> {_OUTPUT.value}" + (f", noise -> {_NOISE_OUTPUT.value}" if _NOISE_OUTPUT.value else ""))
+    print(
+        f"-> {_OUTPUT.value}" + (f", noise -> {_NOISE_OUTPUT.value}" if _NOISE_OUTPUT.value else "")
+    )
 
 
 if __name__ == "__main__":

@@ -11,9 +11,13 @@ from ml_collections import config_flags
 
 from dit_jax import cli, sharding, train
 
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-host)."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
@@ -27,8 +31,12 @@ def main(argv):
     try:
         config.seed  # ml_collections reports a config file that did not load on first use
     except OSError as e:
-        raise ValueError(f"the config file did not load: {' '.join(str(e.__cause__ or e).split())}") from None
-    sharding.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        raise ValueError(
+            f"the config file did not load: {' '.join(str(e.__cause__ or e).split())}"
+        ) from None
+    sharding.maybe_initialize_distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
     train.train_and_evaluate(config, _WORKDIR.value)
 
 

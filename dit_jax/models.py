@@ -58,19 +58,23 @@ def model_kwargs_from_name(name: str) -> dict:
     if match is None or match.group(1).upper() not in MODEL_SIZES:
         raise ValueError(
             f"Unknown model name {name!r}; valid names are {', '.join(MODEL_NAMES)} "
-            "(the 'DiT-' prefix is optional), or give depth/hidden_size/num_heads/patch_size.")
+            "(the 'DiT-' prefix is optional), or give depth/hidden_size/num_heads/patch_size."
+        )
     size, patch = match.group(1).upper(), int(match.group(2))
     if patch not in PATCH_SIZES:
-        raise ValueError(f"Unknown model name {name!r}: patch size {patch} is not one of "
-                         f"{PATCH_SIZES}; valid names are {', '.join(MODEL_NAMES)}.")
+        raise ValueError(
+            f"Unknown model name {name!r}: patch size {patch} is not one of "
+            f"{PATCH_SIZES}; valid names are {', '.join(MODEL_NAMES)}."
+        )
     depth, hidden, heads = MODEL_SIZES[size]
     return dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
 
 
 def canonical_name(name: str) -> str:
     kw = model_kwargs_from_name(name)
-    size = next(s for s, v in MODEL_SIZES.items()
-                if v == (kw["depth"], kw["hidden_size"], kw["num_heads"]))
+    size = next(
+        s for s, v in MODEL_SIZES.items() if v == (kw["depth"], kw["hidden_size"], kw["num_heads"])
+    )
     return f"DiT-{size}/{kw['patch_size']}"
 
 
@@ -97,10 +101,11 @@ def model_from_config(config) -> "DiT":
 # Fixed embeddings
 # ----------------------------------------------------------------------------------------
 
+
 def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
     """[M] positions -> [M, embed_dim]: sin of the first half of the frequencies, then cos."""
     omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000 ** omega
+    omega = 1.0 / 10000**omega
     out = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
@@ -112,13 +117,18 @@ def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
     index and the second half the row index.
     """
     if embed_dim % 4:
-        raise ValueError(f"hidden_size must be divisible by 4 for the 2-D sin-cos embedding, got {embed_dim}")
+        raise ValueError(
+            f"hidden_size must be divisible by 4 for the 2-D sin-cos embedding, got {embed_dim}"
+        )
     rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
-    return np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
+    return np.concatenate(
+        [sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1
+    )
 
 
-def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0,
-                       freq_shift: int = 0) -> Array:
+def timestep_embedding(
+    t: Array, dim: int, max_period: float = 10000.0, freq_shift: int = 0
+) -> Array:
     """[N] (possibly fractional) timesteps -> [N, dim] float32: cos of the frequencies, then sin.
 
     Frequency i is max_period ** (-i / (dim // 2 - freq_shift)): the official DiT has
@@ -142,19 +152,37 @@ zeros = nn.initializers.zeros
 normal002 = nn.initializers.normal(stddev=0.02)
 
 
-def dense(features: int, names: tuple, *, kernel_init=xavier, dtype=jnp.float32,
-          use_bias: bool = True, name: Optional[str] = None) -> nn.Dense:
+def dense(
+    features: int,
+    names: tuple,
+    *,
+    kernel_init=xavier,
+    dtype=jnp.float32,
+    use_bias: bool = True,
+    name: Optional[str] = None,
+) -> nn.Dense:
     """nn.Dense whose kernel [in, out] carries the logical axis names `names`."""
     return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
         kernel_init=nn.with_logical_partitioning(kernel_init, names),
-        bias_init=nn.with_logical_partitioning(zeros, (names[1],)))
+        bias_init=nn.with_logical_partitioning(zeros, (names[1],)),
+    )
 
 
 def layer_norm(affine: bool, dtype, name=None, eps: float = 1e-6) -> nn.LayerNorm:
     """LayerNorm over the last axis, eps 1e-6 (no affine parameters inside adaLN blocks)."""
-    return nn.LayerNorm(epsilon=eps, use_bias=affine, use_scale=affine, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
+    return nn.LayerNorm(
+        epsilon=eps,
+        use_bias=affine,
+        use_scale=affine,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -182,8 +210,9 @@ def attend(q: Array, k: Array, v: Array) -> Array:
     # Normalise the [N, T, H, E] output rather than the [N, H, T, S] weights: one pass over
     # the large array fewer, forward and backward.
     total = jnp.einsum("nhts->nth", weights)[..., None]
-    out = jnp.einsum("nhts,nshe->nthe", weights.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "nhts,nshe->nthe", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
     return (out / total).astype(v.dtype)
 
 
@@ -192,6 +221,7 @@ class Attention(nn.Module):
 
     x: [N, T, D], context: [N, S, D] -> [N, T, D]. Softmax(q k^T / sqrt(head_dim)) v.
     """
+
     hidden_size: int
     num_heads: int
     dtype: Any = jnp.float32
@@ -205,8 +235,11 @@ class Attention(nn.Module):
             qkv = dense(3 * d, ("embed", "mlp"), dtype=self.dtype, name="qkv")(x)
             q, k, v = (a.reshape(*a.shape[:-1], h, d // h) for a in jnp.split(qkv, 3, axis=-1))
         else:
-            q = einops.rearrange(dense(d, ("embed", "mlp"), dtype=self.dtype, name="q")(x),
-                                 "n t (h e) -> n t h e", h=h)
+            q = einops.rearrange(
+                dense(d, ("embed", "mlp"), dtype=self.dtype, name="q")(x),
+                "n t (h e) -> n t h e",
+                h=h,
+            )
             kv = dense(2 * d, ("embed", "mlp"), dtype=self.dtype, name="kv")(context)
             k, v = (a.reshape(*a.shape[:-1], h, d // h) for a in jnp.split(kv, 2, axis=-1))
         impl = attention_implementation(self.implementation)
@@ -226,6 +259,7 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """fc1 -> GELU (tanh approximation) -> fc2."""
+
     hidden_size: int
     mlp_dim: int
     dtype: Any = jnp.float32
@@ -239,6 +273,7 @@ class Mlp(nn.Module):
 
 class TimestepEmbedder(nn.Module):
     """[N] timesteps -> [N, D]: 256 sinusoidal frequencies -> Linear -> SiLU -> Linear."""
+
     hidden_size: int
     frequency_embedding_size: int = 256
     dtype: Any = jnp.float32
@@ -248,17 +283,24 @@ class TimestepEmbedder(nn.Module):
     def __call__(self, t: Array) -> Array:
         emb = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         emb = emb.astype(self.dtype)
-        emb = dense(self.hidden_size, (None, "embed"), kernel_init=normal002, dtype=self.dtype,
-                    name="mlp_0")(emb)
+        emb = dense(
+            self.hidden_size, (None, "embed"), kernel_init=normal002, dtype=self.dtype, name="mlp_0"
+        )(emb)
         emb = nn.silu(emb)
-        return dense(self.hidden_size, ("embed", "mlp"), kernel_init=normal002, dtype=self.dtype,
-                     name="mlp_2")(emb)
+        return dense(
+            self.hidden_size,
+            ("embed", "mlp"),
+            kernel_init=normal002,
+            dtype=self.dtype,
+            name="mlp_2",
+        )(emb)
 
 
 class LabelEmbedder(nn.Module):
     """[N] labels -> [N, D]. Row `num_classes` is the null class used for classifier-free
     guidance; in training, labels are replaced by it with probability `dropout_prob`, drawn
     from the 'label_dropout' PRNG stream."""
+
     num_classes: int
     hidden_size: int
     dropout_prob: float
@@ -266,13 +308,18 @@ class LabelEmbedder(nn.Module):
     @nn.compact
     def __call__(self, labels: Array, train: bool, force_drop_ids: Optional[Array] = None) -> Array:
         rows = self.num_classes + int(self.dropout_prob > 0)
-        table = self.param("embedding_table",
-                           nn.with_logical_partitioning(normal002, ("vocab", "embed")),
-                           (rows, self.hidden_size), jnp.float32)
+        table = self.param(
+            "embedding_table",
+            nn.with_logical_partitioning(normal002, ("vocab", "embed")),
+            (rows, self.hidden_size),
+            jnp.float32,
+        )
         if force_drop_ids is not None:
             labels = jnp.where(force_drop_ids == 1, self.num_classes, labels)
         elif train and self.dropout_prob > 0:
-            drop = jax.random.uniform(self.make_rng("label_dropout"), labels.shape) < self.dropout_prob
+            drop = (
+                jax.random.uniform(self.make_rng("label_dropout"), labels.shape) < self.dropout_prob
+            )
             labels = jnp.where(drop, self.num_classes, labels)
         return jnp.take(table, labels, axis=0)
 
@@ -287,6 +334,7 @@ class DiTBlock(nn.Module):
       cross_attn: pre-LN self-attention, cross-attention to `cond` ([N, 2, D]: t and y tokens), MLP.
       in_context: a plain pre-LN ViT block; t and y are tokens in the sequence.
     """
+
     hidden_size: int
     num_heads: int
     mlp_ratio: float = 4.0
@@ -303,8 +351,13 @@ class DiTBlock(nn.Module):
         if self.block_type in ("adaln_zero", "adaln"):
             zero = self.block_type == "adaln_zero"
             chunks = 6 if zero else 4
-            mod = dense(chunks * d, ("embed", "mlp"), kernel_init=zeros if zero else xavier,
-                        dtype=self.dtype, name="adaLN_modulation")(nn.silu(c))
+            mod = dense(
+                chunks * d,
+                ("embed", "mlp"),
+                kernel_init=zeros if zero else xavier,
+                dtype=self.dtype,
+                name="adaLN_modulation",
+            )(nn.silu(c))
             mod = jnp.split(mod, chunks, axis=-1)
             norm1 = layer_norm(False, self.dtype, "norm1")
             norm2 = layer_norm(False, self.dtype, "norm2", self.mlp_norm_eps)
@@ -327,6 +380,7 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """[N, T, D] -> [N, T, p*p*C_out]. adaLN designs modulate the final LayerNorm from c;
     the output projection (and, for adaLN-Zero, the modulation) starts at zero."""
+
     hidden_size: int
     patch_size: int
     out_channels: int
@@ -337,8 +391,13 @@ class FinalLayer(nn.Module):
     def __call__(self, x: Array, c: Array) -> Array:
         zero = self.block_type == "adaln_zero"
         if self.block_type in ("adaln_zero", "adaln"):
-            mod = dense(2 * self.hidden_size, ("embed", "mlp"), kernel_init=zeros if zero else xavier,
-                        dtype=self.dtype, name="adaLN_modulation")(nn.silu(c))
+            mod = dense(
+                2 * self.hidden_size,
+                ("embed", "mlp"),
+                kernel_init=zeros if zero else xavier,
+                dtype=self.dtype,
+                name="adaLN_modulation",
+            )(nn.silu(c))
             shift, scale = jnp.split(mod, 2, axis=-1)
             x = modulate(layer_norm(False, self.dtype, "norm_final")(x), shift, scale)
         else:
@@ -351,6 +410,7 @@ class FinalLayer(nn.Module):
 # DiT
 # ----------------------------------------------------------------------------------------
 
+
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone.
 
@@ -361,6 +421,7 @@ class DiT(nn.Module):
     counts match the reference) but is a fixed sin-cos table: the forward pass stops its
     gradient and the optimizer must leave it alone (see `trainable_mask`).
     """
+
     input_size: int = 32
     patch_size: int = 2
     in_channels: int = 4
@@ -389,45 +450,75 @@ class DiT(nn.Module):
         return (self.input_size // self.patch_size) ** 2
 
     def check_config(self):
-        bad = [f"{k}={getattr(self, k)}" for k in ("input_size", "patch_size", "in_channels", "hidden_size",
-                                                   "depth", "num_heads") if getattr(self, k) <= 0]
+        bad = [
+            f"{k}={getattr(self, k)}"
+            for k in (
+                "input_size",
+                "patch_size",
+                "in_channels",
+                "hidden_size",
+                "depth",
+                "num_heads",
+            )
+            if getattr(self, k) <= 0
+        ]
         if self.num_classes < 0:
             bad.append(f"num_classes={self.num_classes}")
         if bad:
-            raise ValueError(f"model sizes must be positive (num_classes at least 0), got {', '.join(bad)}.")
+            raise ValueError(
+                f"model sizes must be positive (num_classes at least 0), got {', '.join(bad)}."
+            )
         if self.block_type not in BLOCK_TYPES:
-            raise ValueError(f"Unknown block_type {self.block_type!r}; choose one of {BLOCK_TYPES}.")
+            raise ValueError(
+                f"Unknown block_type {self.block_type!r}; choose one of {BLOCK_TYPES}."
+            )
         if self.input_size % self.patch_size:
-            raise ValueError(f"patch_size {self.patch_size} does not divide input_size "
-                             f"{self.input_size}; use a patch size that divides it.")
+            raise ValueError(
+                f"patch_size {self.patch_size} does not divide input_size "
+                f"{self.input_size}; use a patch size that divides it."
+            )
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}."
+            )
 
     def check_inputs(self, x, t, y):
         """Shape checks always; value checks (label range) on concrete arrays."""
         s, c = self.input_size, self.in_channels
         if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"x must be a 4-D NHWC batch [N, {s}, {s}, {c}], got shape {getattr(x, 'shape', None)}.")
+            raise ValueError(
+                f"x must be a 4-D NHWC batch [N, {s}, {s}, {c}], got shape {getattr(x, 'shape', None)}."
+            )
         if tuple(x.shape[1:]) != (s, s, c):
             hint = " (it looks NCHW; transpose to NHWC)" if tuple(x.shape[1:]) == (c, s, s) else ""
             raise ValueError(f"x must be NHWC [N, {s}, {s}, {c}], got {tuple(x.shape)}{hint}.")
         n = x.shape[0]
         for arr, what in ((t, "t"), (y, "y")):
             if getattr(arr, "shape", None) != (n,):
-                raise ValueError(f"{what} must have shape [{n}] to match x, got {getattr(arr, 'shape', None)}.")
+                raise ValueError(
+                    f"{what} must have shape [{n}] to match x, got {getattr(arr, 'shape', None)}."
+                )
         if not jnp.issubdtype(y.dtype, jnp.integer):
             raise ValueError(f"labels y must be integers, got dtype {y.dtype}.")
         if not isinstance(y, jax.core.Tracer):
             y_np = np.asarray(y)
             top = self.num_classes if self.class_dropout_prob > 0 else self.num_classes - 1
             if y_np.size and (y_np.min() < 0 or y_np.max() > top):
-                raise ValueError(f"labels must lie in [0, {top}] ({self.num_classes} classes"
-                                 + (f", {self.num_classes} = null class" if top == self.num_classes else "")
-                                 + f"), got values in [{y_np.min()}, {y_np.max()}].")
+                raise ValueError(
+                    f"labels must lie in [0, {top}] ({self.num_classes} classes"
+                    + (f", {self.num_classes} = null class" if top == self.num_classes else "")
+                    + f"), got values in [{y_np.min()}, {y_np.max()}]."
+                )
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, y: Array, train: bool = False,
-                 force_drop_ids: Optional[Array] = None) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        y: Array,
+        train: bool = False,
+        force_drop_ids: Optional[Array] = None,
+    ) -> Array:
         self.check_config()
         self.check_inputs(x, t, y)
         p, d = self.patch_size, self.hidden_size
@@ -435,18 +526,24 @@ class DiT(nn.Module):
 
         # Patch embedding: non-overlapping p x p patches -> Linear(p*p*C, D).
         patches = einops.rearrange(x, "n (h p) (w q) c -> n (h w) (p q c)", p=p, q=p)
-        tokens = dense(d, (None, "embed"), dtype=self.dtype, name="x_embedder")(patches.astype(self.dtype))
+        tokens = dense(d, (None, "embed"), dtype=self.dtype, name="x_embedder")(
+            patches.astype(self.dtype)
+        )
         pos_embed = self.param(
             "pos_embed",
             nn.with_logical_partitioning(
-                lambda *_: jnp.asarray(sincos_2d(d, grid), jnp.float32)[None], (None, None, "embed")),
-            (1, grid * grid, d))
+                lambda *_: jnp.asarray(sincos_2d(d, grid), jnp.float32)[None], (None, None, "embed")
+            ),
+            (1, grid * grid, d),
+        )
         tokens = tokens + jax.lax.stop_gradient(pos_embed).astype(self.dtype)
 
-        t_emb = TimestepEmbedder(d, dtype=self.dtype, freq_shift=self.timestep_freq_shift,
-                                 name="t_embedder")(t)
+        t_emb = TimestepEmbedder(
+            d, dtype=self.dtype, freq_shift=self.timestep_freq_shift, name="t_embedder"
+        )(t)
         y_emb = LabelEmbedder(self.num_classes, d, self.class_dropout_prob, name="y_embedder")(
-            y, train, force_drop_ids).astype(self.dtype)
+            y, train, force_drop_ids
+        ).astype(self.dtype)
         c = t_emb + y_emb
         cond = jnp.stack([t_emb, y_emb], axis=1)  # [N, 2, D] conditioning tokens
 
@@ -454,18 +551,29 @@ class DiT(nn.Module):
             tokens = jnp.concatenate([cond, tokens], axis=1)
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
-            block = block_cls(d, self.num_heads, self.mlp_ratio, self.block_type, self.dtype,
-                              self.attention, self.mlp_norm_eps, name=f"blocks_{i}")
+            block = block_cls(
+                d,
+                self.num_heads,
+                self.mlp_ratio,
+                self.block_type,
+                self.dtype,
+                self.attention,
+                self.mlp_norm_eps,
+                name=f"blocks_{i}",
+            )
             tokens = block(tokens, c, cond)
         if self.block_type == "in_context":
             tokens = tokens[:, 2:]
 
-        out = FinalLayer(d, p, self.out_channels, self.block_type, self.dtype, name="final_layer")(tokens, c)
+        out = FinalLayer(d, p, self.out_channels, self.block_type, self.dtype, name="final_layer")(
+            tokens, c
+        )
         out = einops.rearrange(out, "n (h w) (p q c) -> n (h p) (w q) c", h=grid, p=p, q=p)
         return out.astype(jnp.float32)
 
-    def forward_with_cfg(self, x: Array, t: Array, y: Array, cfg_scale: float,
-                         guidance_channels: Optional[int] = 3) -> Array:
+    def forward_with_cfg(
+        self, x: Array, t: Array, y: Array, cfg_scale: float, guidance_channels: Optional[int] = 3
+    ) -> Array:
         """Classifier-free guidance in one batched forward (the official batch layout).
 
         x: [2B, H, W, C] whose first half is used for both passes; y: [2B] = (labels, null).
@@ -477,8 +585,9 @@ class DiT(nn.Module):
         return classifier_free_guidance(out, cfg_scale, self.in_channels, guidance_channels)
 
 
-def classifier_free_guidance(out: Array, cfg_scale: float, in_channels: int,
-                             guidance_channels: Optional[int] = 3) -> Array:
+def classifier_free_guidance(
+    out: Array, cfg_scale: float, in_channels: int, guidance_channels: Optional[int] = 3
+) -> Array:
     """The guidance mix eps = u + s * (c - u) of a doubled batch's output.
 
     out: [2B, H, W, C_out], the conditional half first, then the null-label half. Returns
@@ -499,6 +608,7 @@ def classifier_free_guidance(out: Array, cfg_scale: float, in_channels: int,
 # Helpers
 # ----------------------------------------------------------------------------------------
 
+
 def dummy_inputs(model: DiT, batch: int = 1):
     x = jnp.zeros((batch, model.input_size, model.input_size, model.in_channels), jnp.float32)
     return x, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32)
@@ -512,8 +622,9 @@ def init_params(model: DiT, rng: Array) -> dict:
 
 def abstract_params(model: DiT) -> dict:
     """Parameter shapes/dtypes (jax.ShapeDtypeStruct) without allocating anything."""
-    shapes = jax.eval_shape(lambda r: model.init({"params": r}, *dummy_inputs(model)),
-                            jax.random.key(0))
+    shapes = jax.eval_shape(
+        lambda r: model.init({"params": r}, *dummy_inputs(model)), jax.random.key(0)
+    )
     return nn.meta.unbox(shapes["params"])
 
 
@@ -523,5 +634,7 @@ def count_params(params) -> int:
 
 def trainable_mask(params) -> dict:
     """Pytree of bools: False for the fixed position embedding, True elsewhere."""
-    return {k: (jax.tree_util.tree_map(lambda _: True, v) if k != "pos_embed" else False)
-            for k, v in params.items()}
+    return {
+        k: (jax.tree_util.tree_map(lambda _: True, v) if k != "pos_embed" else False)
+        for k, v in params.items()
+    }

@@ -66,8 +66,15 @@ def describe_state_dict(sd: Mapping[str, np.ndarray]) -> Optional[dict]:
     except (KeyError, ValueError):
         return None
     grid = int(round(np.sqrt(tokens)))
-    return dict(hidden_size=int(hidden), depth=depth, patch_size=int(p), in_channels=int(c),
-                input_size=int(grid * p), learn_sigma=out == 2 * c, num_classes_plus_null=int(rows))
+    return dict(
+        hidden_size=int(hidden),
+        depth=depth,
+        patch_size=int(p),
+        in_channels=int(c),
+        input_size=int(grid * p),
+        learn_sigma=out == 2 * c,
+        num_classes_plus_null=int(rows),
+    )
 
 
 def _matching_names(info: dict) -> list[str]:
@@ -81,8 +88,9 @@ def _matching_names(info: dict) -> list[str]:
     return names
 
 
-def dit_params_from_state_dict(sd: Mapping[str, np.ndarray], model, *,
-                               source: str = "state dict") -> dict:
+def dit_params_from_state_dict(
+    sd: Mapping[str, np.ndarray], model, *, source: str = "state dict"
+) -> dict:
     """Official-layout DiT state dict -> Flax params for `model`, checking every key and shape."""
     target = models.abstract_params(model)
     items, used, missing, mismatched = [], set(), [], []
@@ -100,9 +108,11 @@ def dit_params_from_state_dict(sd: Mapping[str, np.ndarray], model, *,
         items.append((path, value.astype(np.float32)))
     unexpected = sorted(set(sd) - used)
     if missing or unexpected or mismatched:
-        lines = [f"{source} does not fit the model (depth {model.depth}, hidden "
-                 f"{model.hidden_size}, patch {model.patch_size}, input {model.input_size}, "
-                 f"{model.num_classes} classes, block {model.block_type}):"]
+        lines = [
+            f"{source} does not fit the model (depth {model.depth}, hidden "
+            f"{model.hidden_size}, patch {model.patch_size}, input {model.input_size}, "
+            f"{model.num_classes} classes, block {model.block_type}):"
+        ]
         problems = (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
         for title, keys in problems:
             if keys:
@@ -116,13 +126,15 @@ def dit_params_from_state_dict(sd: Mapping[str, np.ndarray], model, *,
                 f"{info['patch_size']}, input_size {info['input_size']} "
                 f"({info['input_size'] * 8}px images), "
                 f"{info['num_classes_plus_null'] - 1} classes + null"
-                + (f": model name {' or '.join(fits)}" if fits else ""))
+                + (f": model name {' or '.join(fits)}" if fits else "")
+            )
         raise CheckpointError("\n".join(lines))
     return traverse_util.unflatten_dict(dict(items))
 
 
 def state_dict_from_dit_params(params: Mapping, patch_size: int) -> dict[str, np.ndarray]:
     """Flax params -> official-layout state dict (numpy, float32)."""
-    return {_torch_key(path): np.asarray(_from_flax(path, np.asarray(v, np.float32), patch_size))
-            for path, v in traverse_util.flatten_dict(params).items()}
-
+    return {
+        _torch_key(path): np.asarray(_from_flax(path, np.asarray(v, np.float32), patch_size))
+        for path, v in traverse_util.flatten_dict(params).items()
+    }

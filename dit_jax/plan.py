@@ -25,22 +25,39 @@ from ml_collections import config_flags
 from dit_jax import cli, planning
 
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "Target, as typed: v4-8, v5p-64, v5e-16 "
-                                "(v5litepod-16), v6e-8, 2xv5p-128 (several slices).")
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: the config's batch_size; "
-                              "with --search and no --batch the per-chip batch is searched too).")
-_SET = flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable), e.g. "
-                                 "model.remat=True.")
-_SEARCH = flags.DEFINE_bool("search", False, "Search fsdp x remat (x per-chip batch) for the "
-                            "fastest configuration that fits.")
-_FSDP = flags.DEFINE_list("fsdp", None, "With --search: only these fsdp sizes (default: every "
-                          "divisor of the chip count).")
-_PER_CHIP_BATCH = flags.DEFINE_list("per_chip_batch", ["8", "16", "32", "64", "128"],
-                                    "With --search and no --batch: per-chip batches to try.")
-_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 0, "Also compile the sampling loop "
-                                     "(config.sample) at this global batch.")
-_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 2, "Model evaluations in the compiled "
-                                     "sampling loop.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "Target, as typed: v4-8, v5p-64, v5e-16 (v5litepod-16), v6e-8, 2xv5p-128 (several slices).",
+)
+_BATCH = flags.DEFINE_integer(
+    "batch",
+    None,
+    "Global batch (default: the config's batch_size; "
+    "with --search and no --batch the per-chip batch is searched too).",
+)
+_SET = flags.DEFINE_multi_string(
+    "set", [], "Config override key=value (repeatable), e.g. model.remat=True."
+)
+_SEARCH = flags.DEFINE_bool(
+    "search",
+    False,
+    "Search fsdp x remat (x per-chip batch) for the fastest configuration that fits.",
+)
+_FSDP = flags.DEFINE_list(
+    "fsdp", None, "With --search: only these fsdp sizes (default: every divisor of the chip count)."
+)
+_PER_CHIP_BATCH = flags.DEFINE_list(
+    "per_chip_batch",
+    ["8", "16", "32", "64", "128"],
+    "With --search and no --batch: per-chip batches to try.",
+)
+_SAMPLE_BATCH = flags.DEFINE_integer(
+    "sample_batch", 0, "Also compile the sampling loop (config.sample) at this global batch."
+)
+_SAMPLE_STEPS = flags.DEFINE_integer(
+    "sample_steps", 2, "Model evaluations in the compiled sampling loop."
+)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 
 
@@ -74,19 +91,37 @@ def main(argv):
         config = planning.with_overrides(config, {"batch_size": _BATCH.value})
     if _SEARCH.value:
         fsdp = [int(f) for f in _FSDP.value] if _FSDP.value else None
-        log = None if _JSON.value else lambda p: print(
-            f"  fsdp={p.overrides['mesh.fsdp']} remat={p.overrides['model.remat']} "
-            f"batch={p.global_batch}: " + (f"fits, estimated {p.estimated_step_seconds * 1e3:.1f}"
-                                           " ms/step" if p.fits and p.estimated_step_seconds
-                                           else "fits" if p.fits else "does not fit"),
-            flush=True)
+        log = (
+            None
+            if _JSON.value
+            else lambda p: print(
+                f"  fsdp={p.overrides['mesh.fsdp']} remat={p.overrides['model.remat']} "
+                f"batch={p.global_batch}: "
+                + (
+                    f"fits, estimated {p.estimated_step_seconds * 1e3:.1f} ms/step"
+                    if p.fits and p.estimated_step_seconds
+                    else "fits"
+                    if p.fits
+                    else "does not fit"
+                ),
+                flush=True,
+            )
+        )
         best, plans = planning.search(
-            config, topology, fixed_batch=bool(_BATCH.value), log=log, fsdp=fsdp,
-            per_chip_batches=[int(b) for b in _PER_CHIP_BATCH.value])
+            config,
+            topology,
+            fixed_batch=bool(_BATCH.value),
+            log=log,
+            fsdp=fsdp,
+            per_chip_batches=[int(b) for b in _PER_CHIP_BATCH.value],
+        )
         if best is not None and _SAMPLE_BATCH.value:
-            best = planning.plan_train(planning.with_overrides(config, best.overrides), topology,
-                                       sample_batch=_SAMPLE_BATCH.value,
-                                       sample_steps=_SAMPLE_STEPS.value)
+            best = planning.plan_train(
+                planning.with_overrides(config, best.overrides),
+                topology,
+                sample_batch=_SAMPLE_BATCH.value,
+                sample_steps=_SAMPLE_STEPS.value,
+            )
         shown = best or plans[0]
         if _JSON.value:
             out = shown.to_json()
@@ -101,8 +136,9 @@ def main(argv):
                 print("\nbest plan:\n" + planning.format_plan(best))
                 print("\nrun it with: " + " ".join(best.flag_overrides()))
         return 0 if best is not None else 1
-    plan = planning.plan_train(config, topology, sample_batch=_SAMPLE_BATCH.value,
-                               sample_steps=_SAMPLE_STEPS.value)
+    plan = planning.plan_train(
+        config, topology, sample_batch=_SAMPLE_BATCH.value, sample_steps=_SAMPLE_STEPS.value
+    )
     fits = plan.fits and (plan.sample is None or plan.sample["fits"])
     if _JSON.value:
         print(json.dumps({**plan.to_json(), "fits": fits}))

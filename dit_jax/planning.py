@@ -43,32 +43,55 @@ F, T = False, True
 @dataclasses.dataclass(frozen=True)
 class Generation:
     """One accelerator generation: how its slice names map to libtpu's topology description."""
-    platform: str              # 'tpu'
-    prefix: str                # libtpu's topology name prefix ('v5' in 'v5:2x2x1')
-    chip_config: str           # 'megacore' (v4, v5p: one device per chip) or 'default'
-    cores_per_chip: int        # what one unit of the name counts: v4/v5p names count TensorCores
-    hbm_bytes: int             # HBM per chip (vendor figure)
-    device_kind: str           # key into flops.PEAK_FLOPS
-    slices: dict               # chips -> (topology shape, chips-per-host bounds, wraparound)
+
+    platform: str  # 'tpu'
+    prefix: str  # libtpu's topology name prefix ('v5' in 'v5:2x2x1')
+    chip_config: str  # 'megacore' (v4, v5p: one device per chip) or 'default'
+    cores_per_chip: int  # what one unit of the name counts: v4/v5p names count TensorCores
+    hbm_bytes: int  # HBM per chip (vendor figure)
+    device_kind: str  # key into flops.PEAK_FLOPS
+    slices: dict  # chips -> (topology shape, chips-per-host bounds, wraparound)
 
 
 def _cube(shape, host=(2, 2, 1)):
     return shape, host, (T, T, T) if min(shape) >= 4 else (F, F, F)
 
 
-_CUBES = {4: _cube((2, 2, 1)), 8: _cube((2, 2, 2)), 16: _cube((2, 2, 4)), 32: _cube((2, 4, 4)),
-          64: _cube((4, 4, 4)), 128: _cube((4, 4, 8)), 256: _cube((4, 8, 8)),
-          512: _cube((8, 8, 8)), 1024: _cube((8, 8, 16)), 2048: _cube((8, 16, 16)),
-          4096: _cube((16, 16, 16))}
-_PLANES = {1: ((1, 1), (1, 1, 1), (F, F, F)), 4: ((2, 2), (2, 2, 1), (F, F, F)),
-           8: ((2, 4), (2, 4, 1), (F, F, F)), 16: ((4, 4), (2, 2, 1), (F, F, F)),
-           32: ((4, 8), (2, 2, 1), (F, F, F)), 64: ((8, 8), (2, 2, 1), (F, F, F)),
-           128: ((8, 16), (2, 2, 1), (F, F, F)), 256: ((16, 16), (2, 2, 1), (T, T, F))}
+_CUBES = {
+    4: _cube((2, 2, 1)),
+    8: _cube((2, 2, 2)),
+    16: _cube((2, 2, 4)),
+    32: _cube((2, 4, 4)),
+    64: _cube((4, 4, 4)),
+    128: _cube((4, 4, 8)),
+    256: _cube((4, 8, 8)),
+    512: _cube((8, 8, 8)),
+    1024: _cube((8, 8, 16)),
+    2048: _cube((8, 16, 16)),
+    4096: _cube((16, 16, 16)),
+}
+_PLANES = {
+    1: ((1, 1), (1, 1, 1), (F, F, F)),
+    4: ((2, 2), (2, 2, 1), (F, F, F)),
+    8: ((2, 4), (2, 4, 1), (F, F, F)),
+    16: ((4, 4), (2, 2, 1), (F, F, F)),
+    32: ((4, 8), (2, 2, 1), (F, F, F)),
+    64: ((8, 8), (2, 2, 1), (F, F, F)),
+    128: ((8, 16), (2, 2, 1), (F, F, F)),
+    256: ((16, 16), (2, 2, 1), (T, T, F)),
+}
 
 #: THE table: generation (as typed in slice names) -> everything a topology needs.
 GENERATIONS = {
-    "v4": Generation("tpu", "v4", "megacore", 2, 32 * GIB, "TPU v4",
-                     {k: v for k, v in _CUBES.items() if k <= 2048}),
+    "v4": Generation(
+        "tpu",
+        "v4",
+        "megacore",
+        2,
+        32 * GIB,
+        "TPU v4",
+        {k: v for k, v in _CUBES.items() if k <= 2048},
+    ),
     "v5p": Generation("tpu", "v5", "megacore", 2, 95 * GIB, "TPU v5p", _CUBES),
     "v5e": Generation("tpu", "v5e", "default", 1, 16 * GIB, "TPU v5e", _PLANES),
     "v6e": Generation("tpu", "v6e", "default", 1, 32 * GIB, "TPU v6e", _PLANES),
@@ -79,11 +102,11 @@ _NAME = re.compile(r"^(?:(\d+)x)?([a-z0-9]+)-(\d+)$")
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    name: str                  # as given, e.g. '2xv5p-128'
-    generation: str            # 'v5p'
+    name: str  # as given, e.g. '2xv5p-128'
+    generation: str  # 'v5p'
     num_slices: int
     chips_per_slice: int
-    topology_name: str         # libtpu's, e.g. 'v5:4x4x4'
+    topology_name: str  # libtpu's, e.g. 'v5:4x4x4'
     chip_config: str
     host_bounds: tuple
     wrap: tuple
@@ -101,8 +124,10 @@ def valid_forms() -> str:
     for gen, g in GENERATIONS.items():
         sizes = sorted(c * g.cores_per_chip for c in g.slices)
         parts.append(f"{gen}-{{{','.join(str(s) for s in sizes)}}}")
-    return ("valid topologies: " + "; ".join(parts) + " (v5e is also spelt v5litepod; v4/v5p "
-            "count TensorCores, 2 per chip); several slices as Nx<slice>, e.g. 2xv5p-128")
+    return (
+        "valid topologies: " + "; ".join(parts) + " (v5e is also spelt v5litepod; v4/v5p "
+        "count TensorCores, 2 per chip); several slices as Nx<slice>, e.g. 2xv5p-128"
+    )
 
 
 def parse_topology(name: str) -> Topology:
@@ -119,11 +144,19 @@ def parse_topology(name: str) -> Topology:
         raise ValueError(f"unknown topology {name!r}; {valid_forms()}.")
     shape, host, wrap = g.slices[chips]
     host = tuple(min(h, s) for h, s in zip(host, shape + (1,) * (3 - len(shape))))
-    return Topology(name=name, generation=gen, num_slices=slices, chips_per_slice=chips,
-                    topology_name=f"{g.prefix}:{'x'.join(map(str, shape))}",
-                    chip_config=g.chip_config, host_bounds=host, wrap=wrap,
-                    hbm_bytes=g.hbm_bytes, peak_flops=flops.PEAK_FLOPS.get(g.device_kind),
-                    platform=g.platform)
+    return Topology(
+        name=name,
+        generation=gen,
+        num_slices=slices,
+        chips_per_slice=chips,
+        topology_name=f"{g.prefix}:{'x'.join(map(str, shape))}",
+        chip_config=g.chip_config,
+        host_bounds=host,
+        wrap=wrap,
+        hbm_bytes=g.hbm_bytes,
+        peak_flops=flops.PEAK_FLOPS.get(g.device_kind),
+        platform=g.platform,
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,22 +165,38 @@ def _topology_devices(topology_name, chip_config, host_bounds, num_slices, wrap)
     # Compile-only: no chip is opened, so plans may run beside each other (and beside a job).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     desc = topologies.get_topology_desc(
-        platform="tpu", topology_name=topology_name, chip_config_name=chip_config,
-        chips_per_host_bounds=host_bounds, num_slices=num_slices, wrap=wrap)
+        platform="tpu",
+        topology_name=topology_name,
+        chip_config_name=chip_config,
+        chips_per_host_bounds=host_bounds,
+        num_slices=num_slices,
+        wrap=wrap,
+    )
     return tuple(desc.devices)
 
 
 def topology_devices(topology: Topology) -> list:
     """libtpu's compile-only devices of the topology (slice by slice)."""
     if importlib.util.find_spec("libtpu") is None:
-        raise ValueError(f"cannot compile for {topology.name} here: libtpu is not installed "
-                         "(pip install 'jax[tpu]'; it needs no TPU).")
+        raise ValueError(
+            f"cannot compile for {topology.name} here: libtpu is not installed "
+            "(pip install 'jax[tpu]'; it needs no TPU)."
+        )
     try:
-        return list(_topology_devices(topology.topology_name, topology.chip_config,
-                                      topology.host_bounds, topology.num_slices, topology.wrap))
+        return list(
+            _topology_devices(
+                topology.topology_name,
+                topology.chip_config,
+                topology.host_bounds,
+                topology.num_slices,
+                topology.wrap,
+            )
+        )
     except RuntimeError as e:  # XlaRuntimeError
-        raise ValueError(f"libtpu cannot describe {topology.name} ({topology.topology_name}): "
-                         + " ".join(str(e).split())) from None
+        raise ValueError(
+            f"libtpu cannot describe {topology.name} ({topology.topology_name}): "
+            + " ".join(str(e).split())
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,9 +221,11 @@ def parse_oom(message: str) -> tuple[Optional[float], Optional[float]]:
     """(required, available) bytes from XLA's RESOURCE_EXHAUSTED message, e.g. '... HLO
     temporaries (18.16G) exceeds available HBM (15.75G)' or 'Used 20.5G of 15.75G hbm'."""
     msg = " ".join(message.split())
-    pats = [r"\(([\d.]+[KMGT]?)\)\s*exceeds available HBM \(([\d.]+[KMGT]?)\)",
-            r"[Uu]sed ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm",
-            r"required[^(]*\(([\d.]+[KMGT]?)\).*?available[^(]*\(([\d.]+[KMGT]?)\)"]
+    pats = [
+        r"\(([\d.]+[KMGT]?)\)\s*exceeds available HBM \(([\d.]+[KMGT]?)\)",
+        r"[Uu]sed ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm",
+        r"required[^(]*\(([\d.]+[KMGT]?)\).*?available[^(]*\(([\d.]+[KMGT]?)\)",
+    ]
     for pat in pats:
         m = re.search(pat, msg)
         if m:
@@ -205,8 +256,14 @@ def _memory(compiled) -> dict:
     alias, temp = m.alias_size_in_bytes, m.temp_size_in_bytes
     # temp_size can be 0 while the peak is not: take the larger of XLA's peak and the sum.
     peak = max(int(getattr(m, "peak_memory_in_bytes", 0) or 0), args + out - alias + temp)
-    return dict(argument=args, output=out, alias=alias, temp=temp, peak=peak,
-                code=m.generated_code_size_in_bytes)
+    return dict(
+        argument=args,
+        output=out,
+        alias=alias,
+        temp=temp,
+        peak=peak,
+        code=m.generated_code_size_in_bytes,
+    )
 
 
 def _cost(compiled) -> dict:
@@ -217,13 +274,13 @@ def _cost(compiled) -> dict:
     seconds = cost.get("optimal_seconds")
     if seconds is not None and seconds <= 0:  # libtpu's cost model gives up on some programs
         seconds = None
-    return dict(flops=cost.get("flops"), seconds=seconds,
-                bytes_accessed=cost.get("bytes accessed"))
+    return dict(flops=cost.get("flops"), seconds=seconds, bytes_accessed=cost.get("bytes accessed"))
 
 
 # ----------------------------------------------------------------------------------------
 # The train step, compiled for a topology
 # ----------------------------------------------------------------------------------------
+
 
 def dataset_meta(config) -> dict:
     """The dataset metadata a config implies, without the dataset: latents image_size/8 x 4
@@ -232,27 +289,31 @@ def dataset_meta(config) -> dict:
     size = config.data.image_size
     pixels = config.data.dir == "embedded" or config.sample.autoencoder.startswith("identity")
     down, channels, classes = (1, 1, 10) if pixels else (8, 4, 1000)
-    return {"image_size": size, "latent_shape": (size // down, size // down, channels),
-            "num_classes": classes}
+    return {
+        "image_size": size,
+        "latent_shape": (size // down, size // down, channels),
+        "num_classes": classes,
+    }
 
 
 @dataclasses.dataclass
 class Plan:
     """One configuration compiled (or refused) for one topology; bytes and flops per chip."""
+
     topology: str
     num_devices: int
     fits: bool
-    overrides: dict                      # config key -> value of this configuration
+    overrides: dict  # config key -> value of this configuration
     global_batch: int
     hbm_bytes: int
     peak_flops: Optional[float]
     mesh: dict = dataclasses.field(default_factory=dict)
     state_bytes: dict = dataclasses.field(default_factory=dict)  # params / ema / opt_state
-    memory: dict = dataclasses.field(default_factory=dict)       # XLA's buffer assignment
-    required_bytes: Optional[float] = None    # from an out-of-memory error
+    memory: dict = dataclasses.field(default_factory=dict)  # XLA's buffer assignment
+    required_bytes: Optional[float] = None  # from an out-of-memory error
     available_bytes: Optional[float] = None
-    flops_xla: Optional[float] = None         # XLA's cost analysis, per chip
-    flops_counter: Optional[float] = None     # 3 x forward (dit_jax.flops), 2 per multiply-add
+    flops_xla: Optional[float] = None  # XLA's cost analysis, per chip
+    flops_counter: Optional[float] = None  # 3 x forward (dit_jax.flops), 2 per multiply-add
     estimated_step_seconds: Optional[float] = None  # XLA's cost-model estimate
     collectives: dict = dataclasses.field(default_factory=dict)
     compile_seconds: float = 0.0
@@ -281,32 +342,41 @@ class Plan:
         return [f"--config.{k}={v}" for k, v in self.overrides.items()]
 
     def to_json(self) -> dict:
-        return {"topology": self.topology, "num_devices": self.num_devices, "fits": self.fits,
-                "hbm_bytes_per_device": self.hbm_bytes,
-                "peak_bytes_per_device": self.peak_bytes,
-                "argument_bytes_per_device": self.memory.get("argument"),
-                "flops_per_device": self.flops_xla,
-                "estimated_step_seconds": self.estimated_step_seconds,
-                "overrides": self.flag_overrides(),
-                "global_batch": self.global_batch, "mesh": self.mesh,
-                "state_bytes_per_device": self.state_bytes,
-                "memory_bytes_per_device": self.memory,
-                "required_bytes_per_device": self.required_bytes,
-                "available_bytes_per_device": self.available_bytes,
-                "counter_flops_per_device": self.flops_counter,
-                "estimated_images_per_second_per_device": self.images_per_second_per_chip,
-                "estimated_mfu": self.mfu, "collectives": self.collectives,
-                "compile_seconds": self.compile_seconds, "error": self.error,
-                "sample": self.sample}
+        return {
+            "topology": self.topology,
+            "num_devices": self.num_devices,
+            "fits": self.fits,
+            "hbm_bytes_per_device": self.hbm_bytes,
+            "peak_bytes_per_device": self.peak_bytes,
+            "argument_bytes_per_device": self.memory.get("argument"),
+            "flops_per_device": self.flops_xla,
+            "estimated_step_seconds": self.estimated_step_seconds,
+            "overrides": self.flag_overrides(),
+            "global_batch": self.global_batch,
+            "mesh": self.mesh,
+            "state_bytes_per_device": self.state_bytes,
+            "memory_bytes_per_device": self.memory,
+            "required_bytes_per_device": self.required_bytes,
+            "available_bytes_per_device": self.available_bytes,
+            "counter_flops_per_device": self.flops_counter,
+            "estimated_images_per_second_per_device": self.images_per_second_per_chip,
+            "estimated_mfu": self.mfu,
+            "collectives": self.collectives,
+            "compile_seconds": self.compile_seconds,
+            "error": self.error,
+            "sample": self.sample,
+        }
 
 
 def _abstract(tree, shardings):
     return jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
 
 
-def plan_train(config, topology: str | Topology, *, sample_batch: int = 0,
-               sample_steps: int = 2) -> Plan:
+def plan_train(
+    config, topology: str | Topology, *, sample_batch: int = 0, sample_steps: int = 2
+) -> Plan:
     """Compiles `config`'s train step (global batch config.batch_size) for `topology` and
     reports what XLA says per chip. A program that does not fit is a Plan with fits=False and
     the required/available bytes of the compiler's message; other errors propagate.
@@ -323,14 +393,25 @@ def plan_train(config, topology: str | Topology, *, sample_batch: int = 0,
     batch_sharding = sharding.batch_sharding(mesh)
     b = config.batch_size
     h, w, c = meta["latent_shape"]
-    batch = {"latents": jax.ShapeDtypeStruct((b, h, w, c), jnp.float32, sharding=batch_sharding),
-             "labels": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
-    plan = Plan(topology=topo.name, num_devices=len(devices), fits=False,
-                overrides=plan_overrides(config), global_batch=b, hbm_bytes=topo.hbm_bytes,
-                peak_flops=topo.peak_flops, mesh={k: int(v) for k, v in mesh.shape.items()},
-                flops_counter=3 * 2 * flops.forward_flops(model) * b / len(devices))
-    plan.state_bytes = {k: per_device_bytes(getattr(abstract, k), getattr(state_sharding, k))
-                        for k in ("params", "ema_params", "opt_state")}
+    batch = {
+        "latents": jax.ShapeDtypeStruct((b, h, w, c), jnp.float32, sharding=batch_sharding),
+        "labels": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding),
+    }
+    plan = Plan(
+        topology=topo.name,
+        num_devices=len(devices),
+        fits=False,
+        overrides=plan_overrides(config),
+        global_batch=b,
+        hbm_bytes=topo.hbm_bytes,
+        peak_flops=topo.peak_flops,
+        mesh={k: int(v) for k, v in mesh.shape.items()},
+        flops_counter=3 * 2 * flops.forward_flops(model) * b / len(devices),
+    )
+    plan.state_bytes = {
+        k: per_device_bytes(getattr(abstract, k), getattr(state_sharding, k))
+        for k in ("params", "ema_params", "opt_state")
+    }
     step = train.jit_train_step(config, model, tx, state_sharding, batch_sharding)
     start = time.perf_counter()
     try:
@@ -351,31 +432,49 @@ def plan_train(config, topology: str | Topology, *, sample_batch: int = 0,
     if plan.memory["peak"] > topo.hbm_bytes:  # backends that only warn
         plan.fits = False
     if sample_batch:
-        plan.sample = plan_sampling(config, model, abstract.ema_params, state_sharding.ema_params,
-                                    batch_sharding, sample_batch, sample_steps)
+        plan.sample = plan_sampling(
+            config,
+            model,
+            abstract.ema_params,
+            state_sharding.ema_params,
+            batch_sharding,
+            sample_batch,
+            sample_steps,
+        )
     return plan
 
 
-def plan_sampling(config, model, abstract_params, param_sharding, batch_sharding,
-                  batch: int, steps: int) -> dict:
+def plan_sampling(
+    config, model, abstract_params, param_sharding, batch_sharding, batch: int, steps: int
+) -> dict:
     """The sampling loop of config.sample compiled for `steps` model evaluations at a global
     `batch` (labels and noise split like training batches)."""
     if batch % batch_sharding.mesh.size:
-        raise ValueError(f"--sample_batch {batch} is not divisible by the "
-                         f"{batch_sharding.mesh.size} devices.")
+        raise ValueError(
+            f"--sample_batch {batch} is not divisible by the {batch_sharding.mesh.size} devices."
+        )
     s = config.sample
     h = model.input_size
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)
-    noise = jax.ShapeDtypeStruct((batch, h, h, model.in_channels), jnp.float32,
-                                 sharding=batch_sharding)
+    noise = jax.ShapeDtypeStruct(
+        (batch, h, h, model.in_channels), jnp.float32, sharding=batch_sharding
+    )
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     lowered = sampling.lower_sample_latents(
-        model, _abstract(abstract_params, param_sharding), labels, key, noise=noise,
-        sampler=s.sampler, steps=steps, cfg_scale=s.cfg_scale,
+        model,
+        _abstract(abstract_params, param_sharding),
+        labels,
+        key,
+        noise=noise,
+        sampler=s.sampler,
+        steps=steps,
+        cfg_scale=s.cfg_scale,
         guidance_channels=sampling.guidance_channels(s.guidance),
-        clip_denoised=s.clip_denoised, noise_schedule=config.diffusion.noise_schedule,
+        clip_denoised=s.clip_denoised,
+        noise_schedule=config.diffusion.noise_schedule,
         diffusion_steps=config.diffusion.steps,
-        guidance_interval=tuple(s.guidance_interval) or None)
+        guidance_interval=tuple(s.guidance_interval) or None,
+    )
     out = {"batch": batch, "steps": steps, "sampler": s.sampler, "cfg_scale": s.cfg_scale}
     start = time.perf_counter()
     try:
@@ -387,9 +486,13 @@ def plan_sampling(config, model, abstract_params, param_sharding, batch_sharding
         out.update(fits=False, required_bytes=req, available_bytes=avail, error=_first_line(e))
         return out
     cost = _cost(compiled)
-    out.update(fits=True, compile_seconds=time.perf_counter() - start,
-               memory=_memory(compiled), flops=cost["flops"],
-               estimated_seconds=cost["seconds"])
+    out.update(
+        fits=True,
+        compile_seconds=time.perf_counter() - start,
+        memory=_memory(compiled),
+        flops=cost["flops"],
+        estimated_seconds=cost["seconds"],
+    )
     return out
 
 
@@ -407,9 +510,13 @@ SEARCH_KEYS = ("mesh.fsdp", "model.remat", "batch_size", "model.attention")
 
 def plan_overrides(config) -> dict:
     """The searched config fields of `config` as dotted key -> value."""
-    return {"mesh.fsdp": config.mesh.fsdp, "mesh.data": config.mesh.data,
-            "model.remat": config.model.remat, "batch_size": config.batch_size,
-            "model.attention": config.model.attention}
+    return {
+        "mesh.fsdp": config.mesh.fsdp,
+        "mesh.data": config.mesh.data,
+        "model.remat": config.model.remat,
+        "batch_size": config.batch_size,
+        "model.attention": config.model.attention,
+    }
 
 
 def divisors(n: int) -> list[int]:
@@ -421,21 +528,35 @@ def attention_choices(topology: Topology) -> list[str]:
     return ["xla"] if topology.platform == "tpu" else ["xla", "cudnn"]
 
 
-def candidates(config, topology: Topology, *, fixed_batch: bool,
-               per_chip_batches: Sequence[int] = (8, 16, 32, 64, 128),
-               fsdp: Optional[Sequence[int]] = None, remat: Sequence[bool] = (False, True),
-               attention: Optional[Sequence[str]] = None) -> list[dict]:
+def candidates(
+    config,
+    topology: Topology,
+    *,
+    fixed_batch: bool,
+    per_chip_batches: Sequence[int] = (8, 16, 32, 64, 128),
+    fsdp: Optional[Sequence[int]] = None,
+    remat: Sequence[bool] = (False, True),
+    attention: Optional[Sequence[str]] = None,
+) -> list[dict]:
     """Configurations to try: fsdp over every divisor of the device count, remat off/on, the
     per-chip batch when the global batch is not fixed, the platform's attention kernels."""
     n = topology.num_devices
     batches = [config.batch_size] if fixed_batch else [p * n for p in per_chip_batches]
     out = []
-    for f, r, b, a in itertools.product(fsdp or divisors(n), remat, batches,
-                                        attention or attention_choices(topology)):
+    for f, r, b, a in itertools.product(
+        fsdp or divisors(n), remat, batches, attention or attention_choices(topology)
+    ):
         if n % f:
             continue
-        out.append({"mesh.fsdp": f, "mesh.data": -1, "model.remat": r, "batch_size": b,
-                    "model.attention": a})
+        out.append(
+            {
+                "mesh.fsdp": f,
+                "mesh.data": -1,
+                "model.remat": r,
+                "batch_size": b,
+                "model.attention": a,
+            }
+        )
     return out
 
 
@@ -459,8 +580,9 @@ def rank_key(plan: Plan):
     return (not plan.fits, -ips, plan.peak_bytes or 0)
 
 
-def search(config, topology: str | Topology, *, fixed_batch: bool = True, log=None,
-           **choices) -> tuple[Optional[Plan], list[Plan]]:
+def search(
+    config, topology: str | Topology, *, fixed_batch: bool = True, log=None, **choices
+) -> tuple[Optional[Plan], list[Plan]]:
     """Compiles every candidate (see `candidates`), returns (the best fitting plan or None,
     every plan ranked)."""
     topo = parse_topology(topology) if isinstance(topology, str) else topology
@@ -479,68 +601,91 @@ def search(config, topology: str | Topology, *, fixed_batch: bool = True, log=No
 # Text
 # ----------------------------------------------------------------------------------------
 
+
 def _gib(x) -> str:
     return "?" if x is None else f"{x / GIB:.2f} GiB"
 
 
 def format_plan(plan: Plan) -> str:
     """A human-readable report of one plan (per chip; estimates labelled as such)."""
-    lines = [f"topology {plan.topology}: {plan.num_devices} chips, mesh "
-             + " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
-             + f", global batch {plan.global_batch} ({plan.per_chip_batch:g} per chip)",
-             "config: " + " ".join(plan.flag_overrides())]
+    lines = [
+        f"topology {plan.topology}: {plan.num_devices} chips, mesh "
+        + " x ".join(f"{k}={v}" for k, v in plan.mesh.items())
+        + f", global batch {plan.global_batch} ({plan.per_chip_batch:g} per chip)",
+        "config: " + " ".join(plan.flag_overrides()),
+    ]
     sb = plan.state_bytes
     if sb:
-        lines.append(f"per chip, state: params {_gib(sb['params'])} + EMA {_gib(sb['ema_params'])}"
-                     f" + optimizer {_gib(sb['opt_state'])} = {_gib(sum(sb.values()))}")
+        lines.append(
+            f"per chip, state: params {_gib(sb['params'])} + EMA {_gib(sb['ema_params'])}"
+            f" + optimizer {_gib(sb['opt_state'])} = {_gib(sum(sb.values()))}"
+        )
     hbm = plan.hbm_bytes
     if plan.fits:
         m = plan.memory
-        lines.append(f"per chip, compiled: arguments {_gib(m['argument'])}, temporaries "
-                     f"{_gib(m['temp'])}, outputs {_gib(m['output'])} (aliased "
-                     f"{_gib(m['alias'])}), peak {_gib(m['peak'])}")
-        lines.append(f"fits: yes, peak {_gib(m['peak'])} of {_gib(hbm)} HBM "
-                     f"({_gib(hbm - m['peak'])} to spare)")
+        lines.append(
+            f"per chip, compiled: arguments {_gib(m['argument'])}, temporaries "
+            f"{_gib(m['temp'])}, outputs {_gib(m['output'])} (aliased "
+            f"{_gib(m['alias'])}), peak {_gib(m['peak'])}"
+        )
+        lines.append(
+            f"fits: yes, peak {_gib(m['peak'])} of {_gib(hbm)} HBM "
+            f"({_gib(hbm - m['peak'])} to spare)"
+        )
     else:
         req, avail = plan.required_bytes, plan.available_bytes
         over = f", over by {_gib(req - avail)}" if req and avail else ""
-        lines.append(f"fits: NO, the compiler needs {_gib(req)} of {_gib(avail or hbm)} "
-                     f"HBM{over}")
+        lines.append(f"fits: NO, the compiler needs {_gib(req)} of {_gib(avail or hbm)} HBM{over}")
         return "\n".join(lines)
     fx, fc = plan.flops_xla, plan.flops_counter
-    lines.append(f"flops per chip per step: XLA {fx / 1e12 if fx else float('nan'):.2f} T, "
-                 f"Gflops counter (3 x forward) {fc / 1e12:.2f} T")
+    lines.append(
+        f"flops per chip per step: XLA {fx / 1e12 if fx else float('nan'):.2f} T, "
+        f"Gflops counter (3 x forward) {fc / 1e12:.2f} T"
+    )
     lines.append("collectives: " + ", ".join(f"{k} {v}" for k, v in plan.collectives.items()))
     s = plan.estimated_step_seconds
     if s:
         mfu = f", MFU {plan.mfu:.1%}" if plan.mfu is not None else ""
-        lines.append("compiler estimate (XLA cost model, not a measurement): "
-                     f"step {s * 1e3:.1f} ms,"
-                     f" {plan.images_per_second_per_chip:.1f} images/s per chip{mfu}")
+        lines.append(
+            "compiler estimate (XLA cost model, not a measurement): "
+            f"step {s * 1e3:.1f} ms,"
+            f" {plan.images_per_second_per_chip:.1f} images/s per chip{mfu}"
+        )
     lines.append(f"compiled in {plan.compile_seconds:.1f} s")
     if plan.sample:
         sp = plan.sample
         if sp["fits"]:
             est = sp.get("estimated_seconds")
-            est_txt = (f", compiler estimate {est / sp['steps'] * 1e3:.1f} ms per model evaluation"
-                       if est else "")
-            lines.append(f"sampling ({sp['sampler']}, batch {sp['batch']}, cfg {sp['cfg_scale']}): "
-                         f"peak {_gib(sp['memory']['peak'])} per chip, fits{est_txt}")
+            est_txt = (
+                f", compiler estimate {est / sp['steps'] * 1e3:.1f} ms per model evaluation"
+                if est
+                else ""
+            )
+            lines.append(
+                f"sampling ({sp['sampler']}, batch {sp['batch']}, cfg {sp['cfg_scale']}): "
+                f"peak {_gib(sp['memory']['peak'])} per chip, fits{est_txt}"
+            )
         else:
-            lines.append(f"sampling (batch {sp['batch']}): does NOT fit, needs "
-                         f"{_gib(sp.get('required_bytes'))} of {_gib(sp.get('available_bytes'))}")
+            lines.append(
+                f"sampling (batch {sp['batch']}): does NOT fit, needs "
+                f"{_gib(sp.get('required_bytes'))} of {_gib(sp.get('available_bytes'))}"
+            )
     return "\n".join(lines)
 
 
 def format_candidates(plans: Sequence[Plan]) -> str:
-    lines = [f"{'fsdp':>5} {'remat':>6} {'batch':>6} {'attention':>9} {'fits':>5} {'peak':>11} "
-             f"{'est. step':>10} {'est. img/s/chip':>15}"]
+    lines = [
+        f"{'fsdp':>5} {'remat':>6} {'batch':>6} {'attention':>9} {'fits':>5} {'peak':>11} "
+        f"{'est. step':>10} {'est. img/s/chip':>15}"
+    ]
     for p in plans:
         o = p.overrides
         step = f"{p.estimated_step_seconds * 1e3:.1f} ms" if p.estimated_step_seconds else "-"
         ips = f"{p.images_per_second_per_chip:.1f}" if p.images_per_second_per_chip else "-"
-        lines.append(f"{o['mesh.fsdp']:>5} {str(o['model.remat']):>6} {o['batch_size']:>6} "
-                     f"{o['model.attention']:>9} {'yes' if p.fits else 'no':>5} "
-                     f"{_gib(p.peak_bytes):>11} {step:>10} {ips:>15}")
+        lines.append(
+            f"{o['mesh.fsdp']:>5} {str(o['model.remat']):>6} {o['batch_size']:>6} "
+            f"{o['model.attention']:>9} {'yes' if p.fits else 'no':>5} "
+            f"{_gib(p.peak_bytes):>11} {step:>10} {ips:>15}"
+        )
     lines.append("(est.: XLA's cost-model estimates, not measurements)")
     return "\n".join(lines)

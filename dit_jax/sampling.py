@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dit_jax import autoencoder as autoencoder_lib
 from dit_jax import diffusion as diffusion_lib
 from dit_jax import files, interpolants, models, solvers, weights, workdir as workdir_lib
+from dit_jax.vae import images_to_uint8  # one conversion for grids, sets and evaluation
 
 #: ddpm / ddim: the official samplers on the respaced schedule; dpm++2m / dpm++3m: DPM-Solver++
 #: (multistep, order 2 / 3) with diffusers' linspace spacing (dit_jax.solvers).
@@ -52,18 +53,31 @@ def schedule_from_config(config) -> dict:
     """How a run's model turns noise into data, from its config: the keyword arguments
     noise_schedule, diffusion_steps and interpolant (None for a DDPM run) of `sample_latents`."""
     flow = config.get("objective", "ddpm") == "interpolant"
-    return dict(noise_schedule=config.diffusion.noise_schedule,
-                diffusion_steps=int(config.diffusion.steps),
-                interpolant=interpolants.from_config(config.interpolant) if flow else None)
+    return dict(
+        noise_schedule=config.diffusion.noise_schedule,
+        diffusion_steps=int(config.diffusion.steps),
+        interpolant=interpolants.from_config(config.interpolant) if flow else None,
+    )
 
 
-def sample_latents(model: models.DiT, params, labels: jax.Array, key: jax.Array, *,
-                   sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 4.0,
-                   guidance_channels: Optional[int] = 3, eta: float = 0.0,
-                   clip_denoised: bool = False, noise: Optional[jax.Array] = None,
-                   noise_schedule: str = "linear", diffusion_steps: int = 1000,
-                   guidance_interval: Optional[tuple[float, float]] = None,
-                   interpolant: Optional[interpolants.Interpolant] = None) -> jax.Array:
+def sample_latents(
+    model: models.DiT,
+    params,
+    labels: jax.Array,
+    key: jax.Array,
+    *,
+    sampler: str = "ddpm",
+    steps: int = 250,
+    cfg_scale: float = 4.0,
+    guidance_channels: Optional[int] = 3,
+    eta: float = 0.0,
+    clip_denoised: bool = False,
+    noise: Optional[jax.Array] = None,
+    noise_schedule: str = "linear",
+    diffusion_steps: int = 1000,
+    guidance_interval: Optional[tuple[float, float]] = None,
+    interpolant: Optional[interpolants.Interpolant] = None,
+) -> jax.Array:
     """Samples one latent per label: [N, H, W, C]. cfg_scale <= 1 disables guidance.
     clip_denoised clips each x0 prediction to [-1, 1]: right for pixel space, not for VAE latents.
     `noise` ([N, H, W, C]) is the starting x_T (default: drawn from `key`). The batch follows the
@@ -73,41 +87,106 @@ def sample_latents(model: models.DiT, params, labels: jax.Array, key: jax.Array,
     guidance_interval=(lo, hi): guide only at model timesteps lo <= t <= hi (None: all).
     An `interpolant` run (SiT) samples with FLOW_SAMPLERS on t in [0, 1] (1 is data); its
     noise_schedule and diffusion_steps are unused."""
-    return _sample(*_sample_args(model, params, labels, key, sampler, steps, cfg_scale,
-                                 guidance_channels, eta, clip_denoised, noise, noise_schedule,
-                                 diffusion_steps, guidance_interval, interpolant))
+    return _sample(
+        *_sample_args(
+            model,
+            params,
+            labels,
+            key,
+            sampler,
+            steps,
+            cfg_scale,
+            guidance_channels,
+            eta,
+            clip_denoised,
+            noise,
+            noise_schedule,
+            diffusion_steps,
+            guidance_interval,
+            interpolant,
+        )
+    )
 
 
-def lower_sample_latents(model: models.DiT, params, labels, key, *, noise, sampler: str = "ddpm",
-                         steps: int = 250, cfg_scale: float = 4.0,
-                         guidance_channels: Optional[int] = 3, eta: float = 0.0,
-                         clip_denoised: bool = False, noise_schedule: str = "linear",
-                         diffusion_steps: int = 1000, guidance_interval=None,
-                         interpolant: Optional[interpolants.Interpolant] = None):
+def lower_sample_latents(
+    model: models.DiT,
+    params,
+    labels,
+    key,
+    *,
+    noise,
+    sampler: str = "ddpm",
+    steps: int = 250,
+    cfg_scale: float = 4.0,
+    guidance_channels: Optional[int] = 3,
+    eta: float = 0.0,
+    clip_denoised: bool = False,
+    noise_schedule: str = "linear",
+    diffusion_steps: int = 1000,
+    guidance_interval=None,
+    interpolant: Optional[interpolants.Interpolant] = None,
+):
     """The program `sample_latents` runs, lowered for abstract (jax.ShapeDtypeStruct) params,
     labels, key (uint32[2]) and noise: `.compile()` it ahead of time (dit_jax.planning)."""
-    return _sample.lower(*_sample_args(model, params, labels, key, sampler, steps, cfg_scale,
-                                       guidance_channels, eta, clip_denoised, noise,
-                                       noise_schedule, diffusion_steps, guidance_interval,
-                                       interpolant, split_key=False))
+    return _sample.lower(
+        *_sample_args(
+            model,
+            params,
+            labels,
+            key,
+            sampler,
+            steps,
+            cfg_scale,
+            guidance_channels,
+            eta,
+            clip_denoised,
+            noise,
+            noise_schedule,
+            diffusion_steps,
+            guidance_interval,
+            interpolant,
+            split_key=False,
+        )
+    )
 
 
-def _sample_args(model, params, labels, key, sampler, steps, cfg_scale, guidance_channels, eta,
-                 clip_denoised, noise, noise_schedule, diffusion_steps, guidance_interval,
-                 interpolant, split_key=True) -> tuple:
+def _sample_args(
+    model,
+    params,
+    labels,
+    key,
+    sampler,
+    steps,
+    cfg_scale,
+    guidance_channels,
+    eta,
+    clip_denoised,
+    noise,
+    noise_schedule,
+    diffusion_steps,
+    guidance_interval,
+    interpolant,
+    split_key=True,
+) -> tuple:
     """`_sample`'s arguments, checked."""
     names = samplers_for(interpolant)
     if sampler not in names:
         kind = "a DDPM" if interpolant is None else "an interpolant"
-        raise ValueError(f"Unknown sampler {sampler!r} for {kind} model; choose one of "
-                         f"{', '.join(names)}.")
+        raise ValueError(
+            f"Unknown sampler {sampler!r} for {kind} model; choose one of {', '.join(names)}."
+        )
     if steps < (2 if sampler in ("ddpm", "ddim") else 1):
-        raise ValueError(f"steps must be at least {2 if sampler in ('ddpm', 'ddim') else 1} for "
-                         f"{sampler}, got {steps}.")
+        raise ValueError(
+            f"steps must be at least {2 if sampler in ('ddpm', 'ddim') else 1} for "
+            f"{sampler}, got {steps}."
+        )
     if interpolant is None:  # DPM-Solver++ picks its timesteps on the full schedule
         process = diffusion_lib.create_diffusion(
-            "" if sampler.startswith("dpm") else str(steps), learn_sigma=model.learn_sigma,
-            noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
+            "" if sampler.startswith("dpm") else str(steps),
+            learn_sigma=model.learn_sigma,
+            noise_schedule=noise_schedule,
+            diffusion_steps=diffusion_steps,
+        )
     else:
         process = interpolant
     loop_key = key
@@ -117,23 +196,56 @@ def _sample_args(model, params, labels, key, sampler, steps, cfg_scale, guidance
             shape = (labels.shape[0], model.input_size, model.input_size, model.in_channels)
             noise = jax.random.normal(noise_key, shape, jnp.float32)
     interval = None if guidance_interval is None else tuple(float(v) for v in guidance_interval)
-    return (model, process, sampler, int(steps), float(cfg_scale), guidance_channels,
-            interval, float(eta), bool(clip_denoised), params, labels, noise, loop_key)
+    return (
+        model,
+        process,
+        sampler,
+        int(steps),
+        float(cfg_scale),
+        guidance_channels,
+        interval,
+        float(eta),
+        bool(clip_denoised),
+        params,
+        labels,
+        noise,
+        loop_key,
+    )
 
 
-def model_fn(model: models.DiT, params, labels: jax.Array, cfg_scale: float,
-             guidance_channels: Optional[int], guidance_interval=None):
+def model_fn(
+    model: models.DiT,
+    params,
+    labels: jax.Array,
+    cfg_scale: float,
+    guidance_channels: Optional[int],
+    guidance_interval=None,
+):
     """(x, t) -> model output for fixed labels, guided in one batched forward when cfg_scale > 1."""
     apply = lambda x, t, y: model.apply({"params": params}, x, t, y)
     if cfg_scale > 1.0:
-        return diffusion_lib.cfg_model_fn(apply, labels, model.num_classes, cfg_scale,
-                                          guidance_channels, guidance_interval)
+        return diffusion_lib.cfg_model_fn(
+            apply, labels, model.num_classes, cfg_scale, guidance_channels, guidance_interval
+        )
     return lambda x, t: apply(x, t, labels)
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(9)))
-def _sample(model, process, sampler, steps, cfg_scale, guidance_channels, guidance_interval, eta,
-            clip_denoised, params, labels, z, key):
+def _sample(
+    model,
+    process,
+    sampler,
+    steps,
+    cfg_scale,
+    guidance_channels,
+    guidance_interval,
+    eta,
+    clip_denoised,
+    params,
+    labels,
+    z,
+    key,
+):
     """`process` is how the model was trained: a GaussianDiffusion or an Interpolant."""
     fn = model_fn(model, params, labels, cfg_scale, guidance_channels, guidance_interval)
     if isinstance(process, interpolants.Interpolant):
@@ -143,15 +255,25 @@ def _sample(model, process, sampler, steps, cfg_scale, guidance_channels, guidan
     if sampler == "ddim":
         return process.ddim_sample_loop(fn, z, eta=eta, key=key, clip_denoised=clip_denoised)
     order = {"dpm++2m": 2, "dpm++3m": 3}[sampler]
-    return solvers.dpm_solver_sample_loop(fn, z, steps, order=order, schedule=process,
-                                          clip_denoised=clip_denoised)
+    return solvers.dpm_solver_sample_loop(
+        fn, z, steps, order=order, schedule=process, clip_denoised=clip_denoised
+    )
 
 
-def invert_latents(model: models.DiT, params, latents: jax.Array, labels: jax.Array, *,
-                   steps: int = 50, cfg_scale: float = 1.0, guidance_channels: Optional[int] = 3,
-                   clip_denoised: bool = False, noise_schedule: str = "linear",
-                   diffusion_steps: int = 1000,
-                   interpolant: Optional[interpolants.Interpolant] = None):
+def invert_latents(
+    model: models.DiT,
+    params,
+    latents: jax.Array,
+    labels: jax.Array,
+    *,
+    steps: int = 50,
+    cfg_scale: float = 1.0,
+    guidance_channels: Optional[int] = 3,
+    clip_denoised: bool = False,
+    noise_schedule: str = "linear",
+    diffusion_steps: int = 1000,
+    interpolant: Optional[interpolants.Interpolant] = None,
+):
     """(noise, latents reconstructed) of scaled latents [N, h, w, c], on the model's training
     process, as one compiled program: DDIM inversion and DDIM back for a DDPM model; for an
     interpolant model the probability-flow ODE run backwards (Heun, `steps` evaluations) and
@@ -160,14 +282,27 @@ def invert_latents(model: models.DiT, params, latents: jax.Array, labels: jax.Ar
         process = interpolant
     else:
         process = diffusion_lib.create_diffusion(
-            f"ddim{steps}", learn_sigma=model.learn_sigma, noise_schedule=noise_schedule,
-            diffusion_steps=diffusion_steps)
-    return _invert(model, process, int(steps), float(cfg_scale), guidance_channels,
-                   bool(clip_denoised), params, latents, labels)
+            f"ddim{steps}",
+            learn_sigma=model.learn_sigma,
+            noise_schedule=noise_schedule,
+            diffusion_steps=diffusion_steps,
+        )
+    return _invert(
+        model,
+        process,
+        int(steps),
+        float(cfg_scale),
+        guidance_channels,
+        bool(clip_denoised),
+        params,
+        latents,
+        labels,
+    )
 
 
-def round_trip(diffusion: diffusion_lib.GaussianDiffusion, fn, x0: jax.Array,
-               clip_denoised: bool = False):
+def round_trip(
+    diffusion: diffusion_lib.GaussianDiffusion, fn, x0: jax.Array, clip_denoised: bool = False
+):
     """(x_T, x_0 again): DDIM inversion of x0 with the model function `fn(x, t)`, then DDIM
     (eta 0) back."""
     noise = diffusion.ddim_reverse_sample_loop(fn, x0, clip_denoised=clip_denoised)
@@ -175,8 +310,9 @@ def round_trip(diffusion: diffusion_lib.GaussianDiffusion, fn, x0: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _invert(model, process, steps, cfg_scale, guidance_channels, clip_denoised, params, latents,
-            labels):
+def _invert(
+    model, process, steps, cfg_scale, guidance_channels, clip_denoised, params, latents, labels
+):
     fn = model_fn(model, params, labels, cfg_scale, guidance_channels)
     if isinstance(process, interpolants.Interpolant):
         grid = max(steps // 2, 1) + 1
@@ -196,18 +332,20 @@ def flow_sample(interpolant: interpolants.Interpolant, sampler: str, steps: int,
         return interpolant.sample_ode(fn, z, method="dopri5", num_steps=2)
     method = {"sde-euler": "Euler", "sde-heun": "Heun"}[sampler]
     grid = steps if method == "Euler" else max(steps // 2, 1)
-    return interpolant.sample_sde(fn, z, method=method, diffusion_form="sigma", last_step="Mean",
-                                  num_steps=max(grid, 2), key=key)
+    return interpolant.sample_sde(
+        fn,
+        z,
+        method=method,
+        diffusion_form="sigma",
+        last_step="Mean",
+        num_steps=max(grid, 2),
+        key=key,
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------
-
-def images_to_uint8(images) -> np.ndarray:
-    """[-1, 1] float images -> uint8 as the DiT sampling script does: clip(127.5 x + 128, 0, 255),
-    truncated."""
-    return np.clip(127.5 * np.asarray(images, np.float32) + 128.0, 0, 255).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
@@ -222,7 +360,7 @@ def make_grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
     for i in range(n):
         r, col = divmod(i, ncol)
         top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top: top + h, left: left + w] = images[i]
+        grid[top : top + h, left : left + w] = images[i]
     return grid
 
 
@@ -236,28 +374,33 @@ def save_png(image: np.ndarray, path: str) -> None:
 # What to sample from: a training run, or a checkpoint plus a model description
 # ----------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Generator:
     """A model, its weights, how it was trained (noise schedule, guidance) and how its latents
     become images."""
+
     model: models.DiT
     params: dict
-    autoencoder_spec: str     # "" when there is nothing to decode with
-    scaling_factor: float     # latents are divided by it before decoding
+    autoencoder_spec: str  # "" when there is nothing to decode with
+    scaling_factor: float  # latents are divided by it before decoding
     image_size: int
-    source: str               # for messages and manifests
-    noise_schedule: str = "linear"   # the training diffusion's
+    source: str  # for messages and manifests
+    noise_schedule: str = "linear"  # the training diffusion's
     diffusion_steps: int = 1000
-    guidance: str = "official"       # the run's configured guidance (official or all)
-    step: Optional[int] = None       # the training step of a run's checkpoint
+    guidance: str = "official"  # the run's configured guidance (official or all)
+    step: Optional[int] = None  # the training step of a run's checkpoint
     guidance_interval: Optional[tuple] = None  # the run's configured interval (None: always)
     interpolant: Optional[interpolants.Interpolant] = None  # an interpolant (SiT) run's
 
     @property
     def schedule(self) -> dict:
         """How the model was trained, as `sample_latents` keywords."""
-        return dict(noise_schedule=self.noise_schedule, diffusion_steps=self.diffusion_steps,
-                    interpolant=self.interpolant)
+        return dict(
+            noise_schedule=self.noise_schedule,
+            diffusion_steps=self.diffusion_steps,
+            interpolant=self.interpolant,
+        )
 
     @property
     def pixel_space(self) -> bool:
@@ -266,10 +409,15 @@ class Generator:
     def decoder(self):
         """latents [N, h, w, c] as sampled -> images float32 [N, S, S, C] in [-1, 1]."""
         if not self.autoencoder_spec:
-            raise ValueError("no autoencoder to decode the samples with; give --vae (a diffusers "
-                             "folder or hub id).")
-        return latent_decoder(autoencoder_lib.load_autoencoder(self.autoencoder_spec),
-                              self.scaling_factor, self.image_size)
+            raise ValueError(
+                "no autoencoder to decode the samples with; give --vae (a diffusers "
+                "folder or hub id)."
+            )
+        return latent_decoder(
+            autoencoder_lib.load_autoencoder(self.autoencoder_spec),
+            self.scaling_factor,
+            self.image_size,
+        )
 
 
 def latent_decoder(autoencoder, scaling_factor: float, image_size: int):
@@ -283,17 +431,34 @@ def generator_from_workdir(workdir: str, step: Optional[int] = None) -> Generato
     model, ema, step, meta = workdir_lib.load_ema(workdir, step)
     config = workdir_lib.load_run_config(workdir)
     schedule = schedule_from_config(config)
-    return Generator(model, ema, meta["autoencoder"], float(meta["scaling_factor"]),
-                     int(meta["image_size"]), f"{workdir} step {step}",
-                     schedule["noise_schedule"], schedule["diffusion_steps"],
-                     config.sample.get("guidance", "official"), step,
-                     tuple(config.sample.get("guidance_interval", ())) or None,
-                     schedule["interpolant"])
+    return Generator(
+        model,
+        ema,
+        meta["autoencoder"],
+        float(meta["scaling_factor"]),
+        int(meta["image_size"]),
+        f"{workdir} step {step}",
+        schedule["noise_schedule"],
+        schedule["diffusion_steps"],
+        config.sample.get("guidance", "official"),
+        step,
+        tuple(config.sample.get("guidance_interval", ())) or None,
+        schedule["interpolant"],
+    )
 
 
-def generator_from_checkpoint(checkpoint: Optional[str], *, model_name: str, image_size: int,
-                              num_classes: int, vae: str, input_size: int = 0,
-                              in_channels: int = 4, seed: int = 0, log=print) -> Generator:
+def generator_from_checkpoint(
+    checkpoint: Optional[str],
+    *,
+    model_name: str,
+    image_size: int,
+    num_classes: int,
+    vae: str,
+    input_size: int = 0,
+    in_channels: int = 4,
+    seed: int = 0,
+    log=print,
+) -> Generator:
     """A converted dit_jax checkpoint (it knows its model) or an official
     .pt/.safetensors/.npz for `model_name`; latent side = image_size / the VAE's downsampling
     unless input_size is given. Without a checkpoint: random weights (a smoke run)."""
@@ -306,11 +471,13 @@ def generator_from_checkpoint(checkpoint: Optional[str], *, model_name: str, ima
     else:
         if input_size <= 0:
             if image_size % down:
-                raise ValueError(f"--image_size {image_size} is not a multiple of the VAE's "
-                                 f"downsampling {down}.")
+                raise ValueError(
+                    f"--image_size {image_size} is not a multiple of the VAE's downsampling {down}."
+                )
             input_size = image_size // down
-        model = models.create_model(model_name, input_size=input_size, num_classes=num_classes,
-                                    in_channels=in_channels)
+        model = models.create_model(
+            model_name, input_size=input_size, num_classes=num_classes, in_channels=in_channels
+        )
     model.check_config()
     if checkpoint:
         params = weights.load_dit_params(checkpoint, model)
@@ -325,6 +492,7 @@ def generator_from_checkpoint(checkpoint: Optional[str], *, model_name: str, ima
 # Evaluation sets: resumable, sharded over every device and host
 # ----------------------------------------------------------------------------------------
 
+
 def chunk_labels(seed: int, chunk: int, size: int, num_classes: int) -> np.ndarray:
     """Uniform random labels of one chunk, a pure function of (seed, chunk)."""
     return np.random.default_rng([seed, chunk]).integers(0, num_classes, size).astype(np.int32)
@@ -337,8 +505,9 @@ def local_data_parallel(params):
     return jax.device_put(params, NamedSharding(mesh, P())), NamedSharding(mesh, P("data"))
 
 
-def sample_chunk(model: models.DiT, params, chunk: int, seed: int, size: int, batch_sharding,
-                 **kwargs):
+def sample_chunk(
+    model: models.DiT, params, chunk: int, seed: int, size: int, batch_sharding, **kwargs
+):
     """(latents [size, h, w, c], labels [size]) of chunk `chunk`: uniform labels and starting
     noise that are pure functions of (seed, chunk), the batch split by `batch_sharding`.
     kwargs go to `sample_latents`."""
@@ -346,18 +515,36 @@ def sample_chunk(model: models.DiT, params, chunk: int, seed: int, size: int, ba
     labels = chunk_labels(seed, chunk, size, model.num_classes)
     shape = (size, model.input_size, model.input_size, model.in_channels)
     noise = jax.random.normal(noise_key, shape, jnp.float32)
-    latents = sample_latents(model, params, jax.device_put(labels, batch_sharding), loop_key,
-                             noise=jax.device_put(noise, batch_sharding), **kwargs)
+    latents = sample_latents(
+        model,
+        params,
+        jax.device_put(labels, batch_sharding),
+        loop_key,
+        noise=jax.device_put(noise, batch_sharding),
+        **kwargs,
+    )
     return latents, labels
 
 
-def sample_eval_set(g: Generator, output: str, num_samples: int, *, per_device_batch: int = 32,
-                    sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 1.5,
-                    guidance: Optional[int] = 3, guidance_interval=None, eta: float = 0.0,
-                    seed: int = 0,
-                    png_dir: Optional[str] = None, keep_parts: bool = False,
-                    max_chunks: Optional[int] = None, progress: bool = True,
-                    log=print) -> Optional[str]:
+def sample_eval_set(
+    g: Generator,
+    output: str,
+    num_samples: int,
+    *,
+    per_device_batch: int = 32,
+    sampler: str = "ddpm",
+    steps: int = 250,
+    cfg_scale: float = 1.5,
+    guidance: Optional[int] = 3,
+    guidance_interval=None,
+    eta: float = 0.0,
+    seed: int = 0,
+    png_dir: Optional[str] = None,
+    keep_parts: bool = False,
+    max_chunks: Optional[int] = None,
+    progress: bool = True,
+    log=print,
+) -> Optional[str]:
     """Samples `num_samples` images with uniform random labels into an ADM-format .npz
     (`arr_0` uint8 [N, H, W, 3] NHWC, grayscale repeated to RGB as the evaluator expects;
     `arr_1` int labels). `guidance` is a number of guided channels (`guidance_channels`),
@@ -372,9 +559,19 @@ def sample_eval_set(g: Generator, output: str, num_samples: int, *, per_device_b
     chunk_size = per_device_batch * len(jax.local_devices())
     n_chunks = -(-num_samples // chunk_size)
     parts = output + ".parts"
-    settings = dict(source=g.source, **g.schedule, num_samples=num_samples, chunk_size=chunk_size,
-                    sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance=guidance, eta=eta,
-                    seed=seed, processes=jax.process_count())
+    settings = dict(
+        source=g.source,
+        **g.schedule,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        guidance=guidance,
+        eta=eta,
+        seed=seed,
+        processes=jax.process_count(),
+    )
     if guidance_interval:
         settings["guidance_interval"] = [float(v) for v in guidance_interval]
     os.makedirs(parts, exist_ok=True)
@@ -384,11 +581,14 @@ def sample_eval_set(g: Generator, output: str, num_samples: int, *, per_device_b
             with open(manifest) as f:
                 previous = json.load(f)
             if previous != settings:
-                diff = {k: (previous.get(k), v) for k, v in settings.items()
-                        if previous.get(k) != v}
-                raise ValueError(f"{parts} holds chunks made with other settings {diff} (before, "
-                                 "now); use the same settings to resume, or delete it to start "
-                                 "over.")
+                diff = {
+                    k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v
+                }
+                raise ValueError(
+                    f"{parts} holds chunks made with other settings {diff} (before, "
+                    "now); use the same settings to resume, or delete it to start "
+                    "over."
+                )
         else:
             files.write_atomically(manifest, json.dumps(settings, indent=1).encode())
     decode = g.decoder()
@@ -400,14 +600,26 @@ def sample_eval_set(g: Generator, output: str, num_samples: int, *, per_device_b
         todo = todo[:max_chunks]
     bar = None
     if progress and jax.process_index() == 0:
-        bar = tqdm(total=len(mine) * chunk_size, initial=done, unit="img", desc="sampling",
-                   smoothing=0.1)
+        bar = tqdm(
+            total=len(mine) * chunk_size, initial=done, unit="img", desc="sampling", smoothing=0.1
+        )
     for c in todo:
-        latents, labels = sample_chunk(g.model, params, c, seed, chunk_size, batch_sharding,
-                                       sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                       guidance_channels=guidance,
-                                       guidance_interval=guidance_interval, eta=eta,
-                                       clip_denoised=g.pixel_space, **g.schedule)
+        latents, labels = sample_chunk(
+            g.model,
+            params,
+            c,
+            seed,
+            chunk_size,
+            batch_sharding,
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            guidance_channels=guidance,
+            guidance_interval=guidance_interval,
+            eta=eta,
+            clip_denoised=g.pixel_space,
+            **g.schedule,
+        )
         images = images_to_uint8(decode(latents))
         rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
         files.write_atomically(_chunk_path(parts, c), files.npz_bytes(images=rgb, labels=labels))
@@ -423,8 +635,10 @@ def sample_eval_set(g: Generator, output: str, num_samples: int, *, per_device_b
         multihost_utils.sync_global_devices("dit_jax.sample_eval_set")
     missing = [c for c in range(n_chunks) if not os.path.exists(_chunk_path(parts, c))]
     if missing:
-        log(f"{n_chunks - len(missing)}/{n_chunks} chunks in {parts}; rerun the same command to "
-            "finish.")
+        log(
+            f"{n_chunks - len(missing)}/{n_chunks} chunks in {parts}; rerun the same command to "
+            "finish."
+        )
         return None
     if jax.process_index() == 0:
         images, labels = [], []

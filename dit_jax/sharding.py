@@ -19,7 +19,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, devices: Optional[Sequence[jax.Device]] = None
+) -> Mesh:
     """A ('data', 'fsdp') mesh over `devices` (default: all); data=-1 takes what fsdp leaves.
     Devices of several slices (multi-slice TPU) are arranged as
     `mesh_utils.create_hybrid_device_mesh` does: 'data' spans the slices, 'fsdp' stays in one."""
@@ -30,16 +33,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence[jax.Devi
     if data == -1:
         data = n // fsdp
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not match the {n} devices.")
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not match the {n} devices."
+        )
     slices = num_slices(devices)
     if slices > 1:
         # Data parallelism across slices (DCN), fsdp inside each slice (ICI).
         per_slice = n // slices
         if per_slice % fsdp or data % slices:
-            raise ValueError(f"fsdp={fsdp} must divide the {per_slice} devices of one slice (the "
-                             f"devices span {slices} slices; fsdp stays inside a slice).")
+            raise ValueError(
+                f"fsdp={fsdp} must divide the {per_slice} devices of one slice (the "
+                f"devices span {slices} slices; fsdp stays inside a slice)."
+            )
         grid = mesh_utils.create_hybrid_device_mesh(
-            (data // slices, fsdp), (slices, 1), devices, allow_split_physical_axes=True)
+            (data // slices, fsdp), (slices, 1), devices, allow_split_physical_axes=True
+        )
     else:
         grid = np.asarray(devices).reshape(data, fsdp)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -75,6 +83,7 @@ _METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/instance/att
 def gce_metadata(key: str, timeout: float = 2.0) -> Optional[str]:
     """A GCE metadata attribute of this VM, or None when there is none (or no metadata server)."""
     import urllib.request
+
     request = urllib.request.Request(_METADATA_URL + key, headers={"Metadata-Flavor": "Google"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -85,6 +94,7 @@ def gce_metadata(key: str, timeout: float = 2.0) -> Optional[str]:
 
 def _on_tpu_vm() -> bool:
     import glob
+
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
@@ -111,15 +121,26 @@ def tpu_slice_from_metadata(get_metadata: Callable[[str], Optional[str]]) -> Opt
             if key.strip() == "WORKER_ID":
                 worker = value.strip().strip("'\"")
     if worker is None or not worker.strip().isdigit():
-        raise ValueError("a multi-host TPU slice whose metadata names no worker id "
-                         "(agent-worker-number, tpu-env WORKER_ID)")
-    return {"coordinator_address": f"{hosts[0]}:{TPU_COORDINATOR_PORT}",
-            "num_processes": len(hosts), "process_id": int(worker)}
+        raise ValueError(
+            "a multi-host TPU slice whose metadata names no worker id "
+            "(agent-worker-number, tpu-env WORKER_ID)"
+        )
+    return {
+        "coordinator_address": f"{hosts[0]}:{TPU_COORDINATOR_PORT}",
+        "num_processes": len(hosts),
+        "process_id": int(worker),
+    }
 
 
-def distributed_settings(coordinator_address: Optional[str] = None,
-                         num_processes: Optional[int] = None, process_id: Optional[int] = None, *,
-                         env=None, get_metadata=None, on_tpu_vm=None) -> Optional[dict]:
+def distributed_settings(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    *,
+    env=None,
+    get_metadata=None,
+    on_tpu_vm=None,
+) -> Optional[dict]:
     """The arguments of jax.distributed.initialize for this run, {} to let jax detect them, or
     None for a single-process run. In order: explicit flags; JAX_COORDINATOR_ADDRESS with
     JAX_NUM_PROCESSES and JAX_PROCESS_ID (what launch.local sets); a SLURM job with several tasks
@@ -131,8 +152,15 @@ def distributed_settings(coordinator_address: Optional[str] = None,
     if coordinator_address:
         n = num_processes if num_processes is not None else number("JAX_NUM_PROCESSES")
         i = process_id if process_id is not None else number("JAX_PROCESS_ID")
-        return {k: v for k, v in (("coordinator_address", coordinator_address),
-                                  ("num_processes", n), ("process_id", i)) if v is not None}
+        return {
+            k: v
+            for k, v in (
+                ("coordinator_address", coordinator_address),
+                ("num_processes", n),
+                ("process_id", i),
+            )
+            if v is not None
+        }
     slurm = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1
     tpu_hosts = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
     if slurm or tpu_hosts:
@@ -146,6 +174,7 @@ def wait_for_coordinator(address: str, timeout: float, what: str = "this process
     """Returns once `address` (host:port) accepts connections; ConnectionError (one line) if it
     does not within `timeout` seconds. jax's own connect would abort the process instead."""
     import socket
+
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout
     while True:
@@ -156,12 +185,16 @@ def wait_for_coordinator(address: str, timeout: float, what: str = "this process
             if time.monotonic() >= deadline:
                 raise ConnectionError(
                     f"{what} cannot reach the coordinator at {address} within {timeout:.0f}s "
-                    f"({e.strerror or e}); is process 0 running and the address right?") from None
+                    f"({e.strerror or e}); is process 0 running and the address right?"
+                ) from None
             time.sleep(0.25)
 
 
-def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None) -> bool:
+def maybe_initialize_distributed(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+) -> bool:
     """jax.distributed.initialize when the run spans processes (see `distributed_settings`).
     A process other than 0 first waits for the coordinator for DIT_JAX_COORDINATOR_TIMEOUT
     seconds (default 300) and fails with one line if it never answers. Returns whether it
@@ -172,7 +205,10 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_
     timeout = float(os.environ.get("DIT_JAX_COORDINATOR_TIMEOUT", "300"))
     if settings.get("coordinator_address") and settings.get("process_id", 0) != 0:
         n = settings.get("num_processes")
-        wait_for_coordinator(settings["coordinator_address"], timeout,
-                             f"process {settings['process_id']}" + (f" of {n}" if n else ""))
+        wait_for_coordinator(
+            settings["coordinator_address"],
+            timeout,
+            f"process {settings['process_id']}" + (f" of {n}" if n else ""),
+        )
     jax.distributed.initialize(**settings, initialization_timeout=max(int(timeout), 1))
     return True

@@ -47,8 +47,10 @@ def alphas_cumprod_of(schedule: Schedule) -> np.ndarray:
         schedule = create_diffusion("")
     if isinstance(schedule, GaussianDiffusion):
         if not np.array_equal(schedule.timestep_map, np.arange(schedule.num_timesteps)):
-            raise ValueError("the solvers space timesteps themselves; pass the diffusion without "
-                             "respacing (create_diffusion('')) or its alphas_cumprod.")
+            raise ValueError(
+                "the solvers space timesteps themselves; pass the diffusion without "
+                "respacing (create_diffusion('')) or its alphas_cumprod."
+            )
         return np.asarray(schedule.consts["alphas_cumprod"], np.float64)
     ac = np.asarray(schedule, np.float64)
     if ac.ndim != 1 or not ((ac > 0) & (ac <= 1)).all():
@@ -63,8 +65,12 @@ def _check(num_steps: int, spacing: str, num_train: int):
         raise ValueError(f"num_steps must be in [1, {num_train}], got {num_steps}.")
 
 
-def dpm_timesteps(num_steps: int, spacing: str = "linspace", num_train_timesteps: int = 1000,
-                  steps_offset: int = 0) -> np.ndarray:
+def dpm_timesteps(
+    num_steps: int,
+    spacing: str = "linspace",
+    num_train_timesteps: int = 1000,
+    steps_offset: int = 0,
+) -> np.ndarray:
     """DPMSolverMultistepScheduler.set_timesteps: the N model timesteps, descending."""
     _check(num_steps, spacing, num_train_timesteps)
     t_max = num_train_timesteps
@@ -78,8 +84,9 @@ def dpm_timesteps(num_steps: int, spacing: str = "linspace", num_train_timesteps
     return ts.astype(np.int64)
 
 
-def ddim_timesteps(num_steps: int, spacing: str = "leading", num_train_timesteps: int = 1000,
-                   steps_offset: int = 0) -> np.ndarray:
+def ddim_timesteps(
+    num_steps: int, spacing: str = "leading", num_train_timesteps: int = 1000, steps_offset: int = 0
+) -> np.ndarray:
     """DDIMScheduler.set_timesteps: the N model timesteps, descending."""
     _check(num_steps, spacing, num_train_timesteps)
     t_max = num_train_timesteps
@@ -96,6 +103,7 @@ def ddim_timesteps(num_steps: int, spacing: str = "leading", num_train_timesteps
 # DPM-Solver++ (multistep, data prediction)
 # ----------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class DPMSolverSchedule:
     """Everything a DPM-Solver++ run needs, per step i (N steps):
@@ -103,6 +111,7 @@ class DPMSolverSchedule:
     orders [N], and the update x_{i+1} = c_x x_i + c_0 D_i + c_1 D_{i-1} + c_2 D_{i-2}, where
     D_j = (x_j - s_j eps_j) / a_j is the data prediction at step j (a = 1/sqrt(1+sigma^2),
     s = sigma a): coeffs [N, 4] = (c_x, c_0, c_1, c_2), alpha/sigma_t [N] = (a_i, s_i)."""
+
     timesteps: np.ndarray
     sigmas: np.ndarray
     orders: np.ndarray
@@ -113,7 +122,7 @@ class DPMSolverSchedule:
 
 def _dpm_coefficients(sig: np.ndarray, i: int, order: int) -> np.ndarray:
     """(c_x, c_0, c_1, c_2) of diffusers' dpmsolver++ midpoint update of the given order."""
-    alpha = 1.0 / np.sqrt(sig ** 2 + 1.0)
+    alpha = 1.0 / np.sqrt(sig**2 + 1.0)
     s = sig * alpha
     with np.errstate(divide="ignore"):
         lam = np.log(alpha) - np.log(s)  # +inf where sigma = 0
@@ -129,16 +138,22 @@ def _dpm_coefficients(sig: np.ndarray, i: int, order: int) -> np.ndarray:
         return np.array([c_x, -big_a - 0.5 * big_a / r0, 0.5 * big_a / r0, 0.0])
     r1 = (lam[i - 1] - lam[i - 2]) / h
     big_b = a_t * (em1 / h + 1.0)
-    big_c = a_t * ((em1 + h) / h ** 2 - 0.5)
+    big_c = a_t * ((em1 + h) / h**2 - 0.5)
     q = r0 / (r0 + r1)
     u = big_b * (1 + q) - big_c / (r0 + r1)  # weight of D1_0 = (m0 - m1) / r0
     v = -big_b * q + big_c / (r0 + r1)  # weight of D1_1 = (m1 - m2) / r1
     return np.array([c_x, -big_a + u / r0, -u / r0 + v / r1, -v / r1])
 
 
-def dpm_solver_schedule(num_steps: int, *, order: int = 2, spacing: str = "linspace",
-                        schedule: Schedule = None, lower_order_final: bool = True,
-                        steps_offset: int = 0) -> DPMSolverSchedule:
+def dpm_solver_schedule(
+    num_steps: int,
+    *,
+    order: int = 2,
+    spacing: str = "linspace",
+    schedule: Schedule = None,
+    lower_order_final: bool = True,
+    steps_offset: int = 0,
+) -> DPMSolverSchedule:
     """diffusers' DPMSolverMultistepScheduler(solver_order=order, timestep_spacing=spacing,
     lower_order_final=..., final_sigmas_type="zero") after set_timesteps(num_steps).
 
@@ -149,8 +164,9 @@ def dpm_solver_schedule(num_steps: int, *, order: int = 2, spacing: str = "linsp
     ac = alphas_cumprod_of(schedule)
     ts = dpm_timesteps(num_steps, spacing, len(ac), steps_offset)
     if ts.min() < 0 or ts.max() >= len(ac):
-        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {len(ac) - 1}]; "
-                         "lower steps_offset.")
+        raise ValueError(
+            f"timesteps {ts.tolist()} fall outside [0, {len(ac) - 1}]; lower steps_offset."
+        )
     # diffusers keeps alphas_cumprod and sigmas in float32
     sig_train = np.sqrt((1 - ac.astype(np.float32)) / ac.astype(np.float32))
     sig = np.append(sig_train[ts], 0.0).astype(np.float32).astype(np.float64)
@@ -163,26 +179,51 @@ def dpm_solver_schedule(num_steps: int, *, order: int = 2, spacing: str = "linsp
         orders.append(k)
         coeffs.append(_dpm_coefficients(sig, i, k))
     alpha = 1.0 / np.sqrt(sig[:-1] ** 2 + 1.0)
-    return DPMSolverSchedule(timesteps=ts, sigmas=sig, orders=np.array(orders),
-                             coeffs=np.stack(coeffs), alpha_t=alpha, sigma_t=sig[:-1] * alpha)
+    return DPMSolverSchedule(
+        timesteps=ts,
+        sigmas=sig,
+        orders=np.array(orders),
+        coeffs=np.stack(coeffs),
+        alpha_t=alpha,
+        sigma_t=sig[:-1] * alpha,
+    )
 
 
-def dpm_solver_sample_loop(model_fn: ModelFn, noise: Array, num_steps: int = 20, *,
-                           order: int = 2, spacing: str = "linspace", schedule: Schedule = None,
-                           lower_order_final: bool = True, steps_offset: int = 0,
-                           clip_denoised: bool = False, return_trajectory: bool = False):
+def dpm_solver_sample_loop(
+    model_fn: ModelFn,
+    noise: Array,
+    num_steps: int = 20,
+    *,
+    order: int = 2,
+    spacing: str = "linspace",
+    schedule: Schedule = None,
+    lower_order_final: bool = True,
+    steps_offset: int = 0,
+    clip_denoised: bool = False,
+    return_trajectory: bool = False,
+):
     """DPM-Solver++ from x_T = `noise` (init sigma 1, as diffusers) in `num_steps` model calls.
     clip_denoised clips each data prediction to [-1, 1] (static thresholding; for pixel space,
     as the DDPM/DDIM loops' clip_denoised).
 
     Returns the final latents, or (latents, trajectory [num_steps, *noise.shape]) where
     trajectory[i] is x after step i, as diffusers' scheduler.step returns it."""
-    sch = dpm_solver_schedule(num_steps, order=order, spacing=spacing, schedule=schedule,
-                              lower_order_final=lower_order_final, steps_offset=steps_offset)
+    sch = dpm_solver_schedule(
+        num_steps,
+        order=order,
+        spacing=spacing,
+        schedule=schedule,
+        lower_order_final=lower_order_final,
+        steps_offset=steps_offset,
+    )
     n, c = noise.shape[0], noise.shape[-1]
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    xs = (jnp.asarray(sch.timesteps, jnp.int32), f32(sch.alpha_t), f32(sch.sigma_t),
-          f32(sch.coeffs))
+    xs = (
+        jnp.asarray(sch.timesteps, jnp.int32),
+        f32(sch.alpha_t),
+        f32(sch.sigma_t),
+        f32(sch.coeffs),
+    )
 
     def body(carry, inputs):
         x, d1, d2 = carry
@@ -203,25 +244,34 @@ def dpm_solver_sample_loop(model_fn: ModelFn, noise: Array, num_steps: int = 20,
 # diffusers' DDIM
 # ----------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class DDIMSchedule:
     """diffusers' DDIMScheduler after set_timesteps(N): timesteps [N], and per step the
     cumulative alphas at t and at t - T // N (the final alpha where that is below 0)."""
+
     timesteps: np.ndarray
     alphas_cumprod: np.ndarray
     alphas_cumprod_prev: np.ndarray
 
 
-def ddim_schedule(num_steps: int, *, spacing: str = "leading", schedule: Schedule = None,
-                  set_alpha_to_one: bool = True, steps_offset: int = 0) -> DDIMSchedule:
+def ddim_schedule(
+    num_steps: int,
+    *,
+    spacing: str = "leading",
+    schedule: Schedule = None,
+    set_alpha_to_one: bool = True,
+    steps_offset: int = 0,
+) -> DDIMSchedule:
     """As diffusers: the previous timestep is always t - T // N, whatever the spacing, and
     below 0 it is 1 (set_alpha_to_one) or alphas_cumprod[0]."""
     ac = alphas_cumprod_of(schedule)
     num_train = len(ac)
     ts = ddim_timesteps(num_steps, spacing, num_train, steps_offset)
     if ts.min() < 0 or ts.max() >= num_train:
-        raise ValueError(f"timesteps {ts.tolist()} fall outside [0, {num_train - 1}]; "
-                         "lower steps_offset.")
+        raise ValueError(
+            f"timesteps {ts.tolist()} fall outside [0, {num_train - 1}]; lower steps_offset."
+        )
     ac32 = ac.astype(np.float32).astype(np.float64)
     final = 1.0 if set_alpha_to_one else ac32[0]
     prev = ts - num_train // num_steps
@@ -229,24 +279,44 @@ def ddim_schedule(num_steps: int, *, spacing: str = "leading", schedule: Schedul
     return DDIMSchedule(timesteps=ts, alphas_cumprod=ac32[ts], alphas_cumprod_prev=ac_prev)
 
 
-def ddim_sample_loop(model_fn: ModelFn, noise: Array, num_steps: int = 50, *, eta: float = 0.0,
-                     key: Optional[Array] = None, spacing: str = "leading",
-                     schedule: Schedule = None, set_alpha_to_one: bool = True,
-                     steps_offset: int = 0, return_trajectory: bool = False):
+def ddim_sample_loop(
+    model_fn: ModelFn,
+    noise: Array,
+    num_steps: int = 50,
+    *,
+    eta: float = 0.0,
+    key: Optional[Array] = None,
+    spacing: str = "leading",
+    schedule: Schedule = None,
+    set_alpha_to_one: bool = True,
+    steps_offset: int = 0,
+    return_trajectory: bool = False,
+):
     """diffusers' DDIMScheduler loop from x = `noise` at the first timestep (e.g. 875 for 8
     leading steps: the noise is used as x_t there). eta > 0 needs a PRNG `key`; the noise of
     step i is drawn from fold_in(key, i). Returns latents, or (latents, trajectory)."""
     if eta != 0 and key is None:
         raise ValueError("DDIM with eta > 0 needs a PRNG `key`.")
-    sch = ddim_schedule(num_steps, spacing=spacing, schedule=schedule,
-                        set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset)
+    sch = ddim_schedule(
+        num_steps,
+        spacing=spacing,
+        schedule=schedule,
+        set_alpha_to_one=set_alpha_to_one,
+        steps_offset=steps_offset,
+    )
     ab, ab_prev = sch.alphas_cumprod, sch.alphas_cumprod_prev
     std = eta * np.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
     n, c = noise.shape[0], noise.shape[-1]
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    xs = (jnp.arange(len(ab)), jnp.asarray(sch.timesteps, jnp.int32), f32(np.sqrt(ab)),
-          f32(np.sqrt(1 - ab)), f32(np.sqrt(ab_prev)), f32(np.sqrt(1 - ab_prev - std ** 2)),
-          f32(std))
+    xs = (
+        jnp.arange(len(ab)),
+        jnp.asarray(sch.timesteps, jnp.int32),
+        f32(np.sqrt(ab)),
+        f32(np.sqrt(1 - ab)),
+        f32(np.sqrt(ab_prev)),
+        f32(np.sqrt(1 - ab_prev - std**2)),
+        f32(std),
+    )
 
     def body(x, inputs):
         i, t, sa, s1a, sa_prev, dir_coef, sd = inputs

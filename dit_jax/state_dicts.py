@@ -30,6 +30,7 @@ import safetensors.numpy
 
 try:  # bfloat16 for numpy; ships with jax
     import ml_dtypes
+
     _BF16 = np.dtype(ml_dtypes.bfloat16)
 except ImportError:  # pragma: no cover
     _BF16 = None
@@ -48,11 +49,16 @@ class UnsafeCheckpointError(CheckpointError):
 # ----------------------------------------------------------------------------------------
 
 _TORCH_STORAGE_DTYPES = {
-    "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
-    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": _BF16,
-    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
+    "FloatStorage": np.dtype(np.float32),
+    "DoubleStorage": np.dtype(np.float64),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": _BF16,
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
 }
 
 
@@ -86,8 +92,9 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_unused) ->
     if extent > storage.size:
         raise CheckpointError("a tensor's size/stride points past the end of its storage")
     item = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                           strides=tuple(s * item for s in stride), writeable=False)
+    view = np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False
+    )
     return np.array(view)
 
 
@@ -100,8 +107,11 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("argparse", "Namespace"): Namespace,
-    **{("torch", name): _StorageType(name)
-       for name, dt in _TORCH_STORAGE_DTYPES.items() if dt is not None},
+    **{
+        ("torch", name): _StorageType(name)
+        for name, dt in _TORCH_STORAGE_DTYPES.items()
+        if dt is not None
+    },
 }
 
 
@@ -114,8 +124,9 @@ class TorchScriptObject(dict):
 
     def __setstate__(self, state):
         if not isinstance(state, Mapping):
-            raise UnsafeCheckpointError(f"{self.torch_class}: unexpected object state of type "
-                                        f"{type(state).__name__}.")
+            raise UnsafeCheckpointError(
+                f"{self.torch_class}: unexpected object state of type {type(state).__name__}."
+            )
         self.update(state)
 
     def __repr__(self):
@@ -130,7 +141,8 @@ def _torchscript_class(qualified_name: str) -> type:
     (e.g. '__torch__.inceptionv3.Conv2dLayer')."""
     if qualified_name not in _TORCHSCRIPT_CLASSES:
         _TORCHSCRIPT_CLASSES[qualified_name] = type(
-            "TorchScriptObject", (TorchScriptObject,), {"torch_class": qualified_name})
+            "TorchScriptObject", (TorchScriptObject,), {"torch_class": qualified_name}
+        )
     return _TORCHSCRIPT_CLASSES[qualified_name]
 
 
@@ -147,8 +159,15 @@ _TORCHSCRIPT_GLOBALS: dict[tuple[str, str], Any] = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: str, read_record: Callable[[str], bytes], *,
-                 torchscript: bool = False, storage_dir: str = "data"):
+    def __init__(
+        self,
+        file,
+        path: str,
+        read_record: Callable[[str], bytes],
+        *,
+        torchscript: bool = False,
+        storage_dir: str = "data",
+    ):
         super().__init__(file)
         self._path, self._read_record = path, read_record
         self._torchscript, self._storage_dir = torchscript, storage_dir
@@ -166,13 +185,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
             f"{self._path}: refused to load: its pickle asks for the global "
             f"'{module}.{name}', which a tensor checkpoint never needs (only tensors, "
             "ordered dicts, argparse namespaces and TorchScript module attributes are allowed). "
-            "Nothing was executed.")
+            "Nothing was executed."
+        )
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+        ):
             raise UnsafeCheckpointError(
-                f"{self._path}: unexpected persistent id {pid!r} in the pickle.")
+                f"{self._path}: unexpected persistent id {pid!r} in the pickle."
+            )
         _, storage_type, key, _location, numel = pid
         if key not in self._storages:
             raw = self._read_record(f"{self._storage_dir}/{key}")
@@ -181,7 +206,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 raise CheckpointError(
                     f"{self._path}: storage {key} holds {len(raw)} bytes, needs "
                     f"{numel * dtype.itemsize} ({numel} x {dtype}); "
-                    "the file is truncated or corrupt.")
+                    "the file is truncated or corrupt."
+                )
             self._storages[key] = np.frombuffer(raw, dtype=dtype, count=numel)
         return self._storages[key]
 
@@ -195,7 +221,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         except (TypeError, ValueError, AttributeError, IndexError, KeyError, RecursionError) as e:
             raise CheckpointError(
                 f"{self._path}: malformed pickle in the checkpoint ({type(e).__name__}: {e}); "
-                "only the allowed tensor-building functions were called.") from None
+                "only the allowed tensor-building functions were called."
+            ) from None
 
 
 def read_torch_file(path: str) -> Any:
@@ -210,8 +237,11 @@ def read_torch_file(path: str) -> Any:
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(2)
-        what = ("a legacy (pre-1.6) PyTorch file; re-save it with a current torch.save"
-                if head[:1] == b"\x80" else "not a PyTorch zip checkpoint (or it is truncated)")
+        what = (
+            "a legacy (pre-1.6) PyTorch file; re-save it with a current torch.save"
+            if head[:1] == b"\x80"
+            else "not a PyTorch zip checkpoint (or it is truncated)"
+        )
         raise CheckpointError(f"{path}: {what}.")
     try:
         with zipfile.ZipFile(path) as archive:
@@ -231,16 +261,22 @@ def read_torch_file(path: str) -> Any:
                     return archive.read(prefix + name)
                 except KeyError:
                     raise CheckpointError(
-                        f"{path}: the record {name} is missing; the file is incomplete.") from None
+                        f"{path}: the record {name} is missing; the file is incomplete."
+                    ) from None
 
             torchscript = prefix + "constants.pkl" in names
-            unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pkl[0])), path, read_record,
-                                             torchscript=torchscript)
+            unpickler = _RestrictedUnpickler(
+                io.BytesIO(archive.read(pkl[0])), path, read_record, torchscript=torchscript
+            )
             obj = unpickler.load()
             if torchscript:
                 constants = _RestrictedUnpickler(
-                    io.BytesIO(archive.read(prefix + "constants.pkl")), path, read_record,
-                    torchscript=True, storage_dir="constants").load()
+                    io.BytesIO(archive.read(prefix + "constants.pkl")),
+                    path,
+                    read_record,
+                    torchscript=True,
+                    storage_dir="constants",
+                ).load()
                 if isinstance(obj, TorchScriptObject):
                     obj.constants = constants
             return obj
@@ -263,17 +299,31 @@ def flatten_torchscript(module: Mapping, prefix: str = "") -> dict[str, np.ndarr
     return flat
 
 
-
-
 # ----------------------------------------------------------------------------------------
 # safetensors and npz
 # ----------------------------------------------------------------------------------------
 
 # Bytes per element of each safetensors dtype, to say what is wrong with a refused file.
 _SAFETENSORS_ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1,
-    "F8_E5M2FNUZ": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
-    "C64": 8, "F64": 8, "I64": 8, "U64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "C64": 8,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
 }
 
 
@@ -321,27 +371,35 @@ def _safetensors_problem(path: str) -> Optional[str]:
             return f"tensor {key!r} has a malformed header entry {info!r}."
         want = int(np.prod(shape)) * itemsize
         if not (0 <= start <= end <= data_size) or end - start != want:
-            return (f"tensor {key!r} claims bytes [{start}, {end}) for shape {shape} "
-                    f"{info['dtype']} ({want} bytes) but the data section has {data_size} bytes; "
-                    "the header lies or the file is truncated.")
+            return (
+                f"tensor {key!r} claims bytes [{start}, {end}) for shape {shape} "
+                f"{info['dtype']} ({want} bytes) but the data section has {data_size} bytes; "
+                "the header lies or the file is truncated."
+            )
         spans.append((start, end, key))
     spans.sort()
     for (_, prev_end, prev), (start, _, key) in zip([(0, 0, None)] + spans, spans):
         if start != prev_end:
-            what = (f"overlaps tensor {prev!r}" if start < prev_end
-                    else f"leaves a gap of {start - prev_end} bytes")
+            what = (
+                f"overlaps tensor {prev!r}"
+                if start < prev_end
+                else f"leaves a gap of {start - prev_end} bytes"
+            )
             return f"tensor {key!r} starts at byte {start}, which {what}; the header is corrupt."
     end = spans[-1][1] if spans else 0
     if end != data_size:
-        return (f"the tensors end at byte {end} but the data section has {data_size} bytes; "
-                "the header is corrupt.")
+        return (
+            f"the tensors end at byte {end} but the data section has {data_size} bytes; "
+            "the header is corrupt."
+        )
     return None
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
     """Writes {name: array} as a .safetensors file (0-d arrays keep their shape)."""
-    safetensors.numpy.save_file({k: np.asarray(v, order="C") for k, v in tensors.items()},
-                                os.fspath(path))
+    safetensors.numpy.save_file(
+        {k: np.asarray(v, order="C") for k, v in tensors.items()}, os.fspath(path)
+    )
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
@@ -372,8 +430,10 @@ def read_state_dict(path: str, *, which: str = "ema", prefix: str = "") -> dict[
     elif ext == ".npz":
         obj = read_npz(path)
     else:
-        raise CheckpointError(f"{path}: unknown checkpoint type {ext!r}; expected .pt/.pth/.bin, "
-                              ".safetensors or .npz (or an Orbax directory from dit_jax.convert).")
+        raise CheckpointError(
+            f"{path}: unknown checkpoint type {ext!r}; expected .pt/.pth/.bin, "
+            ".safetensors or .npz (or an Orbax directory from dit_jax.convert)."
+        )
     if isinstance(obj, Mapping) and which in obj and isinstance(obj[which], Mapping):
         obj = obj[which]
     elif isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
@@ -385,9 +445,9 @@ def read_state_dict(path: str, *, which: str = "ema", prefix: str = "") -> dict[
         if prefix:
             if not k.startswith(prefix):
                 continue
-            k = k[len(prefix):]
+            k = k[len(prefix) :]
         if k.startswith("module."):
-            k = k[len("module."):]
+            k = k[len("module.") :]
         if not isinstance(v, np.ndarray):
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor.")
         flat[k] = v

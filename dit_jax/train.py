@@ -36,7 +36,7 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     ema_params: Any
     opt_state: Any
-    rng: jax.Array            # raw uint32[2] key; each step uses fold_in(rng, step)
+    rng: jax.Array  # raw uint32[2] key; each step uses fold_in(rng, step)
     nonfinite_step: jax.Array  # first step whose loss or gradient was not finite (-1: none)
 
 
@@ -51,12 +51,17 @@ class TrainingError(RuntimeError):
 # Construction and validation (before anything compiles)
 # ----------------------------------------------------------------------------------------
 
+
 def validate_config(config, meta: dict, num_devices: int) -> None:
     if config.batch_size <= 0 or config.batch_size % num_devices:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {num_devices} devices.")
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by the {num_devices} devices."
+        )
     if meta["image_size"] != config.data.image_size:
-        raise ValueError(f"config.data.image_size {config.data.image_size} does not match the dataset "
-                         f"({meta['image_size']}px, latents {meta['latent_shape']}).")
+        raise ValueError(
+            f"config.data.image_size {config.data.image_size} does not match the dataset "
+            f"({meta['image_size']}px, latents {meta['latent_shape']})."
+        )
     if config.num_train_steps <= 0:
         raise ValueError(f"num_train_steps must be positive, got {config.num_train_steps}.")
     if not 0.0 <= config.ema_decay < 1.0:
@@ -67,7 +72,9 @@ def validate_config(config, meta: dict, num_devices: int) -> None:
     try:
         jnp.dtype(config.model.dtype)
     except TypeError:
-        raise ValueError(f"config.model.dtype {config.model.dtype!r} is not a dtype (e.g. 'bfloat16', 'float32').") from None
+        raise ValueError(
+            f"config.model.dtype {config.model.dtype!r} is not a dtype (e.g. 'bfloat16', 'float32')."
+        ) from None
     if config.objective not in OBJECTIVES:
         raise ValueError(f"config.objective must be one of {OBJECTIVES}, got {config.objective!r}.")
     interpolant = sampling.schedule_from_config(config)["interpolant"]  # checks its fields
@@ -75,18 +82,24 @@ def validate_config(config, meta: dict, num_devices: int) -> None:
         c = config[section]
         names = sampling.samplers_for(interpolant)
         if c.sampler not in names:
-            raise ValueError(f"config.{section}.sampler must be one of {names} for objective "
-                             f"{config.objective!r}, got {c.sampler!r}.")
+            raise ValueError(
+                f"config.{section}.sampler must be one of {names} for objective "
+                f"{config.objective!r}, got {c.sampler!r}."
+            )
         sampling.guidance_channels(c.guidance)  # checks the name
         if len(c.guidance_interval) not in (0, 2):
-            raise ValueError(f"config.{section}.guidance_interval must be () or (lo, hi), "
-                             f"got {tuple(c.guidance_interval)}.")
+            raise ValueError(
+                f"config.{section}.guidance_interval must be () or (lo, hi), "
+                f"got {tuple(c.guidance_interval)}."
+            )
     if config.sample.every_steps:
         classes = list(config.sample.classes)
         if not classes or min(classes) < 0 or max(classes) >= meta["num_classes"]:
-            raise ValueError(f"config.sample.classes {tuple(classes)} must lie in "
-                             f"[0, {meta['num_classes'] - 1}] (the dataset has "
-                             f"{meta['num_classes']} classes).")
+            raise ValueError(
+                f"config.sample.classes {tuple(classes)} must lie in "
+                f"[0, {meta['num_classes'] - 1}] (the dataset has "
+                f"{meta['num_classes']} classes)."
+            )
 
 
 def lr_schedule(config):
@@ -95,20 +108,32 @@ def lr_schedule(config):
     if o.schedule == "constant":
         main = optax.constant_schedule(o.learning_rate)
     elif o.schedule == "cosine":
-        main = optax.cosine_decay_schedule(o.learning_rate, max(config.num_train_steps - o.warmup_steps, 1), alpha=0.1)
+        main = optax.cosine_decay_schedule(
+            o.learning_rate, max(config.num_train_steps - o.warmup_steps, 1), alpha=0.1
+        )
     else:
-        raise ValueError(f"config.optimizer.schedule must be 'constant' or 'cosine', got {o.schedule!r}.")
+        raise ValueError(
+            f"config.optimizer.schedule must be 'constant' or 'cosine', got {o.schedule!r}."
+        )
     if not o.warmup_steps:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), main], [o.warmup_steps])
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), main], [o.warmup_steps]
+    )
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
     """AdamW on `lr_schedule`, optionally after global-norm clipping. The fixed position table
     gets a zero gradient from the model (stop_gradient) and no weight decay, so it never moves."""
     o = config.optimizer
-    adamw = optax.adamw(lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                        weight_decay=o.weight_decay, mask=models.trainable_mask)
+    adamw = optax.adamw(
+        lr_schedule(config),
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        mask=models.trainable_mask,
+    )
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip else adamw
 
 
@@ -120,12 +145,23 @@ def init_state_fn(model, tx, seed: int, init_params=None):
         params = variables["params"]
         if init_params is not None:
             params = jax.tree_util.tree_map(
-                lambda box, value: (box.replace_boxed(jnp.asarray(value))
-                                    if isinstance(box, nn.meta.AxisMetadata) else value),
-                params, init_params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=tx.init(params), rng=jax.random.PRNGKey(seed),
-                          nonfinite_step=jnp.full((), -1, jnp.int32))
+                lambda box, value: (
+                    box.replace_boxed(jnp.asarray(value))
+                    if isinstance(box, nn.meta.AxisMetadata)
+                    else value
+                ),
+                params,
+                init_params,
+                is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+            )
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(seed),
+            nonfinite_step=jnp.full((), -1, jnp.int32),
+        )
 
     return init
 
@@ -148,13 +184,15 @@ def create_train_state(config, model: models.DiT, tx, mesh, manager):
     if manager.latest_step() is None and config.model.init_checkpoint:
         init_params = weights.load_dit_params(config.model.init_checkpoint, model)
     init, abstract, state_sharding = train_state_shardings(config, model, tx, mesh, init_params)
-    restored = checkpoints.restore_train_state(manager, abstract, state_sharding,
-                                               set_aside_bad=True)
+    restored = checkpoints.restore_train_state(
+        manager, abstract, state_sharding, set_aside_bad=True
+    )
     if restored is not None:
         state, data_state, step = restored
         return state, state_sharding, data_state, step
     state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(
-        jax.random.PRNGKey(config.seed))
+        jax.random.PRNGKey(config.seed)
+    )
     return state, state_sharding, None, None
 
 
@@ -162,11 +200,15 @@ def create_train_state(config, model: models.DiT, tx, mesh, manager):
 # The train step
 # ----------------------------------------------------------------------------------------
 
+
 def training_diffusion(config) -> diffusion_lib.GaussianDiffusion:
     """The diffusion of `config` (all training timesteps, no respacing)."""
-    return diffusion_lib.create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
-                                          diffusion_steps=config.diffusion.steps,
-                                          learn_sigma=config.model.learn_sigma)
+    return diffusion_lib.create_diffusion(
+        "",
+        noise_schedule=config.diffusion.noise_schedule,
+        diffusion_steps=config.diffusion.steps,
+        learn_sigma=config.model.learn_sigma,
+    )
 
 
 def training_losses(config):
@@ -181,6 +223,7 @@ def training_losses(config):
             t = interpolant.sample_t(t_key, x.shape[0])
             noise = jax.random.normal(noise_key, x.shape, jnp.float32)
             return {"loss": interpolant.training_losses(model_fn, x, t=t, noise=noise)["loss"]}
+
         return interpolant_losses
     diffusion = training_diffusion(config)
 
@@ -189,11 +232,19 @@ def training_losses(config):
         noise = jax.random.normal(noise_key, x.shape, jnp.float32)
         terms = diffusion.training_losses(model_fn, x, t, noise)
         return {"loss": terms["loss"], "mse": terms["mse"], "vb": terms["vb"]}
+
     return ddpm_losses
 
 
-def train_step(state: TrainState, batch: dict, *, model: models.DiT, losses,
-               tx: optax.GradientTransformation, config) -> tuple[TrainState, dict]:
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model: models.DiT,
+    losses,
+    tx: optax.GradientTransformation,
+    config,
+) -> tuple[TrainState, dict]:
     """One optimisation step on a global batch {'latents': [B,h,w,c], 'labels': [B]} with
     `losses` from `training_losses`. A step whose loss or gradient is not finite leaves the
     state untouched and is recorded."""
@@ -202,8 +253,9 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT, losses,
     t_key, noise_key, drop_key = jax.random.split(key, 3)
 
     def loss_fn(params):
-        model_fn = lambda xt, tt: model.apply({"params": params}, xt, tt, y, train=True,
-                                              rngs={"label_dropout": drop_key})
+        model_fn = lambda xt, tt: model.apply(
+            {"params": params}, xt, tt, y, train=True, rngs={"label_dropout": drop_key}
+        )
         terms = losses(model_fn, x, t_key, noise_key)
         return terms["loss"].mean(), terms
 
@@ -221,28 +273,43 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT, losses,
     # a non-finite step leaves all three bit-for-bit as they were, and XLA updates the
     # donated buffers in place without copying the state first.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state, ema = jax.lax.cond(finite, update, lambda *old: old,
-                                          state.params, state.opt_state, state.ema_params)
+    params, opt_state, ema = jax.lax.cond(
+        finite, update, lambda *old: old, state.params, state.opt_state, state.ema_params
+    )
     new_state = state.replace(
-        step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-        nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
-                                 state.nonfinite_step))
-    metrics = {**{k: v.mean() for k, v in terms.items()}, "grad_norm": grad_norm,
-               "learning_rate": lr_schedule(config)(state.step)}
+        step=state.step + 1,
+        params=params,
+        ema_params=ema,
+        opt_state=opt_state,
+        nonfinite_step=jnp.where(
+            (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
+        ),
+    )
+    metrics = {
+        **{k: v.mean() for k, v in terms.items()},
+        "grad_norm": grad_norm,
+        "learning_rate": lr_schedule(config)(state.step),
+    }
     return new_state, metrics
 
 
 def jit_train_step(config, model: models.DiT, tx, state_sharding, batch_sharding):
     """`train_step` jitted with the state's and the batch's shardings, the state donated."""
-    step = functools.partial(train_step, model=model, losses=training_losses(config), tx=tx,
-                             config=config)
-    return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, None), donate_argnums=0)
+    step = functools.partial(
+        train_step, model=model, losses=training_losses(config), tx=tx, config=config
+    )
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, None),
+        donate_argnums=0,
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # Sample grids
 # ----------------------------------------------------------------------------------------
+
 
 def write_sample_grid(model, ema_params, config, step: int, workdir: str, writer, decode):
     """EMA samples of config.sample.classes as workdir/samples/step_<step>.png (and to the
@@ -250,10 +317,18 @@ def write_sample_grid(model, ema_params, config, step: int, workdir: str, writer
     s = config.sample
     labels = np.repeat(np.asarray(s.classes, np.int32), s.num_per_class)
     latents = sampling.sample_latents(
-        model, jax.device_get(ema_params), jnp.asarray(labels), jax.random.PRNGKey(config.seed + 1),
-        sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
-        guidance_channels=sampling.guidance_channels(s.guidance), clip_denoised=s.clip_denoised,
-        guidance_interval=tuple(s.guidance_interval) or None, **sampling.schedule_from_config(config))
+        model,
+        jax.device_get(ema_params),
+        jnp.asarray(labels),
+        jax.random.PRNGKey(config.seed + 1),
+        sampler=s.sampler,
+        steps=s.steps,
+        cfg_scale=s.cfg_scale,
+        guidance_channels=sampling.guidance_channels(s.guidance),
+        clip_denoised=s.clip_denoised,
+        guidance_interval=tuple(s.guidance_interval) or None,
+        **sampling.schedule_from_config(config),
+    )
     ncol = s.num_per_class if s.num_per_class > 1 else len(labels)
     grid = sampling.make_grid(decode(latents), ncol=ncol)
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
@@ -265,6 +340,7 @@ def write_sample_grid(model, ema_params, config, step: int, workdir: str, writer
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
+
 
 class _Preemption:
     """Turns SIGTERM into a flag the loop checks between steps. With several processes, jax's
@@ -295,6 +371,7 @@ class _Preemption:
 def _preemption_sync_manager():
     try:
         from jax._src import distributed
+
         return distributed.global_state.preemption_sync_manager
     except (ImportError, AttributeError):
         return None
@@ -313,12 +390,16 @@ def check_finite(state: TrainState, manager) -> None:
     bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0:
         good = manager.latest_step()
-        where = (f"the last good checkpoint is step {good} in {manager.directory}"
-                 if good is not None else "there is no checkpoint yet")
+        where = (
+            f"the last good checkpoint is step {good} in {manager.directory}"
+            if good is not None
+            else "there is no checkpoint yet"
+        )
         raise TrainingError(
             f"loss or gradient became non-finite at step {bad}; parameters were not updated from "
             f"it and {where}. Try a lower learning rate, config.optimizer.grad_clip, or "
-            "config.model.dtype='float32'.")
+            "config.model.dtype='float32'."
+        )
 
 
 def save_checkpoint(manager, step: int, state: TrainState, pipeline) -> None:
@@ -347,12 +428,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
     writer = pipeline = None
     try:  # from here on, close the manager (and what else was opened) however this ends
         state, state_sharding, data_state, restored_step = create_train_state(
-            config, model, tx, mesh, manager)
+            config, model, tx, mesh, manager
+        )
         batch_sharding = sharding.batch_sharding(mesh)
         pipeline = pipeline_lib.InputPipeline(
-            data_dir, global_batch_size=config.batch_size, seed=config.seed,
-            split=config.data.split, sharding=batch_sharding, random_flip=config.data.random_flip,
-            num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+            data_dir,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            split=config.data.split,
+            sharding=batch_sharding,
+            random_flip=config.data.random_flip,
+            num_threads=config.data.num_threads,
+            prefetch=config.data.prefetch,
+        )
         if restored_step is not None:
             pipeline.set_state(data_state)
             if is_main:
@@ -361,18 +449,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
         step_fn = jit_train_step(config, model, tx, state_sharding, batch_sharding)
 
         from clu import metric_writers, periodic_actions  # imports TensorFlow: after the checks
+
         writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
         hooks = []
         if is_main:
             workdir_lib.save_run_config(workdir, config)
             if restored_step is None:
                 writer.write_hparams({k: str(v) for k, v in _flatten_config(config).items()})
-            hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                                         writer=writer))
+            hooks.append(
+                periodic_actions.ReportProgress(
+                    num_train_steps=config.num_train_steps, writer=writer
+                )
+            )
             if config.profile_steps:
-                hooks.append(periodic_actions.Profile(
-                    logdir=workdir, num_profile_steps=config.profile_steps,
-                    first_profile=int(jax.device_get(state.step)) + 10))
+                hooks.append(
+                    periodic_actions.Profile(
+                        logdir=workdir,
+                        num_profile_steps=config.profile_steps,
+                        first_profile=int(jax.device_get(state.step)) + 10,
+                    )
+                )
         peak = config.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0])
         # MFU needs the training flops: fwd + bwd = 3 forwards, a multiply-add = 2 flops.
         train_flops_per_image = 3 * 2 * flops.forward_flops(model) if peak else None
@@ -380,7 +476,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
         if config.sample.every_steps and config.sample.autoencoder and is_main:
             decode = sampling.latent_decoder(
                 autoencoder_lib.load_autoencoder(config.sample.autoencoder),
-                meta["scaling_factor"], meta["image_size"])
+                meta["scaling_factor"],
+                meta["image_size"],
+            )
 
         step = int(jax.device_get(state.step))
         last_saved = manager.latest_step()
@@ -400,8 +498,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
                     scalars["steps_per_sec"] = steps_window / (time.perf_counter() - t_window)
                     scalars["images_per_sec"] = scalars["steps_per_sec"] * config.batch_size
                     if peak:
-                        scalars["mfu"] = (scalars["images_per_sec"] * train_flops_per_image
-                                          / (peak * len(devices)))
+                        scalars["mfu"] = (
+                            scalars["images_per_sec"]
+                            * train_flops_per_image
+                            / (peak * len(devices))
+                        )
                     writer.write_scalars(step, scalars)
                     if is_main:
                         log_metrics(workdir, step, scalars, config.num_train_steps)
@@ -409,8 +510,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
                 if step % config.checkpoint_every_steps == 0 or manager.reached_preemption(step):
                     save_checkpoint(manager, step, state, pipeline)
                     last_saved = step
-                grid_due = bool(config.sample.every_steps and config.sample.autoencoder
-                                and step % config.sample.every_steps == 0)
+                grid_due = bool(
+                    config.sample.every_steps
+                    and config.sample.autoencoder
+                    and step % config.sample.every_steps == 0
+                )
                 eval_due = bool(config.eval.every_steps and step % config.eval.every_steps == 0)
                 if grid_due or eval_due:  # every process takes part in gathering the EMA
                     ema = ema_on_host(state)
@@ -427,8 +531,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Optio
                     if last_saved != step:
                         save_checkpoint(manager, step, state, pipeline)
                     manager.wait_until_finished()
-                    print(f"preempted: saved step {step} in {manager.directory}; rerun the same "
-                          "command to resume")
+                    print(
+                        f"preempted: saved step {step} in {manager.directory}; rerun the same "
+                        "command to resume"
+                    )
                     return None
         if last_saved != step:
             save_checkpoint(manager, step, state, pipeline)
@@ -446,17 +552,24 @@ def log_metrics(workdir: str, step: int, scalars: dict, total_steps: int) -> Non
     eta = (total_steps - step) / max(scalars["steps_per_sec"], 1e-9)
     extra = f" mfu {scalars['mfu']:.1%}" if "mfu" in scalars else ""
     terms = f" (mse {scalars['mse']:.4f} vb {scalars['vb']:.4f})" if "vb" in scalars else ""
-    print(f"step {step}/{total_steps}: loss {scalars['loss']:.4f}{terms} "
-          f"grad {scalars['grad_norm']:.3f} "
-          f"lr {scalars['learning_rate']:.2e} | {scalars['steps_per_sec']:.2f} steps/s "
-          f"{scalars['images_per_sec']:.1f} img/s{extra} | eta {eta / 60:.1f} min", flush=True)
+    print(
+        f"step {step}/{total_steps}: loss {scalars['loss']:.4f}{terms} "
+        f"grad {scalars['grad_norm']:.3f} "
+        f"lr {scalars['learning_rate']:.2e} | {scalars['steps_per_sec']:.2f} steps/s "
+        f"{scalars['images_per_sec']:.1f} img/s{extra} | eta {eta / 60:.1f} min",
+        flush=True,
+    )
     workdir_lib.append_metrics(workdir, step, scalars)
 
 
 def log_eval(workdir: str, step: int, values: dict, seconds: float) -> None:
     """Evaluation figures on the console and in workdir/metrics.jsonl (a line of their own)."""
-    print(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in values.items())
-          + f" ({seconds:.0f}s)", flush=True)
+    print(
+        f"step {step}: "
+        + " ".join(f"{k} {v:.3f}" for k, v in values.items())
+        + f" ({seconds:.0f}s)",
+        flush=True,
+    )
     workdir_lib.append_metrics(workdir, step, values)
 
 

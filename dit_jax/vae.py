@@ -71,6 +71,7 @@ _SD_BLOCKS = (128, 256, 512, 512)
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
     """AutoencoderKL hyper-parameters (diffusers config.json names); defaults are the SD VAE's."""
+
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 4
@@ -91,7 +92,13 @@ class VAEConfig:
     force_upcast: bool = True
 
     def __post_init__(self):
-        for name in ("block_out_channels", "down_block_types", "up_block_types", "latents_mean", "latents_std"):
+        for name in (
+            "block_out_channels",
+            "down_block_types",
+            "up_block_types",
+            "latents_mean",
+            "latents_std",
+        ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
@@ -100,28 +107,44 @@ class VAEConfig:
     def validate(self) -> None:
         """Raises ValueError for a configuration this implementation does not build."""
         if self.act_fn not in ACT_FNS:
-            raise ValueError(f"VAE config: act_fn {self.act_fn!r} is not supported; only {', '.join(ACT_FNS)}.")
+            raise ValueError(
+                f"VAE config: act_fn {self.act_fn!r} is not supported; only {', '.join(ACT_FNS)}."
+            )
         n = len(self.block_out_channels)
         if n < 1:
             raise ValueError("VAE config: block_out_channels is empty.")
-        for name, types, allowed in (("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
-                                     ("up_block_types", self.up_block_types, UP_BLOCK_TYPES)):
+        for name, types, allowed in (
+            ("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
+            ("up_block_types", self.up_block_types, UP_BLOCK_TYPES),
+        ):
             bad = sorted({t for t in types if t not in allowed})
             if bad:
-                raise ValueError(f"VAE config: {name} contains unsupported block type(s) {', '.join(map(repr, bad))}; "
-                                 f"only {', '.join(allowed)} (the sd-vae-ft-ema/mse blocks) are implemented.")
+                raise ValueError(
+                    f"VAE config: {name} contains unsupported block type(s) {', '.join(map(repr, bad))}; "
+                    f"only {', '.join(allowed)} (the sd-vae-ft-ema/mse blocks) are implemented."
+                )
             if len(types) != n:
-                raise ValueError(f"VAE config: {name} has {len(types)} entries but block_out_channels has {n}.")
-        ints = dict(in_channels=self.in_channels, out_channels=self.out_channels, latent_channels=self.latent_channels,
-                    layers_per_block=self.layers_per_block, norm_num_groups=self.norm_num_groups)
-        for name, value in list(ints.items()) + [(f"block_out_channels[{i}]", c)
-                                                  for i, c in enumerate(self.block_out_channels)]:
+                raise ValueError(
+                    f"VAE config: {name} has {len(types)} entries but block_out_channels has {n}."
+                )
+        ints = dict(
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            latent_channels=self.latent_channels,
+            layers_per_block=self.layers_per_block,
+            norm_num_groups=self.norm_num_groups,
+        )
+        for name, value in list(ints.items()) + [
+            (f"block_out_channels[{i}]", c) for i, c in enumerate(self.block_out_channels)
+        ]:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"VAE config: {name} must be a positive integer, got {value!r}.")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"VAE config: block_out_channels {list(self.block_out_channels)} must all be divisible "
-                             f"by norm_num_groups={self.norm_num_groups} (not {bad}).")
+            raise ValueError(
+                f"VAE config: block_out_channels {list(self.block_out_channels)} must all be divisible "
+                f"by norm_num_groups={self.norm_num_groups} (not {bad})."
+            )
 
     @property
     def downsample_factor(self) -> int:
@@ -135,10 +158,16 @@ class VAEConfig:
         use_post_quant_conv or mid_block_add_attention: 0.18215, None, None, True, True, True, True)."""
         name = d.get("_class_name")
         if name is not None and name != "AutoencoderKL":
-            raise ValueError(f"VAE config: _class_name {name!r} is not supported; only AutoencoderKL.")
+            raise ValueError(
+                f"VAE config: _class_name {name!r} is not supported; only AutoencoderKL."
+            )
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         # a null for a field whose default is not null (e.g. scaling_factor) means "not set"
-        kwargs = {k: v for k, v in d.items() if k in defaults and not (v is None and defaults[k] is not None)}
+        kwargs = {
+            k: v
+            for k, v in d.items()
+            if k in defaults and not (v is None and defaults[k] is not None)
+        }
         return cls(**kwargs)
 
     @classmethod
@@ -156,23 +185,36 @@ class VAEConfig:
 
     def to_dict(self) -> dict:
         """Plain dict with diffusers key names (tuples become lists)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
+        }
 
 
 # ----------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------
 
-def _conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding: Any = None) -> nn.Conv:
+
+def _conv(
+    features: int, kernel: int, dtype, name: str, stride: int = 1, padding: Any = None
+) -> nn.Conv:
     """kernel x kernel convolution, float32 parameters ('same' padding unless given)."""
     if padding is None:
         padding = ((kernel // 2, kernel // 2),) * 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 class GroupNorm(nn.Module):
     """torch.nn.GroupNorm on NHWC with float32 statistics; output in `dtype`."""
+
     num_groups: int
     epsilon: float = NORM_EPS
     dtype: Any = jnp.float32
@@ -192,6 +234,7 @@ class GroupNorm(nn.Module):
 
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv3x3 twice, plus the input (1x1 conv_shortcut if channels change)."""
+
     out_channels: int
     groups: int
     dtype: Any = jnp.float32
@@ -209,6 +252,7 @@ class ResnetBlock(nn.Module):
 
 class Downsample(nn.Module):
     """Pad right and bottom by one, then conv3x3 with stride 2 and no padding: H -> H/2."""
+
     channels: int
     dtype: Any = jnp.float32
 
@@ -220,6 +264,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then conv3x3: H -> 2H."""
+
     channels: int
     dtype: Any = jnp.float32
 
@@ -227,12 +272,15 @@ class Upsample(nn.Module):
     def __call__(self, x: Array) -> Array:
         n, h, w, c = x.shape
         x = x.astype(self.dtype)
-        x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c)).reshape(n, 2 * h, 2 * w, c)
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c)).reshape(
+            n, 2 * h, 2 * w, c
+        )
         return _conv(self.channels, 3, self.dtype, "conv")(x)
 
 
 class AttentionBlock(nn.Module):
     """Single-head self-attention over all pixels, softmax(q k^T / sqrt(C)) v, + input."""
+
     groups: int
     dtype: Any = jnp.float32
 
@@ -242,7 +290,7 @@ class AttentionBlock(nn.Module):
         t = GroupNorm(self.groups, dtype=self.dtype, name="group_norm")(x).reshape(n, h * w, c)
         dense = functools.partial(nn.Dense, c, dtype=self.dtype, param_dtype=jnp.float32)
         q, k, v = (dense(name=name)(t) for name in ("to_q", "to_k", "to_v"))
-        logits = jnp.einsum("ntc,nsc->nts", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+        logits = jnp.einsum("ntc,nsc->nts", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("nts,nsc->ntc", weights, v)
         out = dense(name="to_out_0")(out).reshape(n, h, w, c)
@@ -251,6 +299,7 @@ class AttentionBlock(nn.Module):
 
 class MidBlock(nn.Module):
     """ResnetBlock, AttentionBlock (unless disabled), ResnetBlock, at constant width."""
+
     channels: int
     groups: int
     add_attention: bool = True
@@ -266,6 +315,7 @@ class MidBlock(nn.Module):
 
 class DownEncoderBlock(nn.Module):
     """`num_layers` ResnetBlocks to `out_channels`, then an optional Downsample."""
+
     out_channels: int
     num_layers: int
     groups: int
@@ -283,6 +333,7 @@ class DownEncoderBlock(nn.Module):
 
 class UpDecoderBlock(nn.Module):
     """`num_layers` ResnetBlocks to `out_channels`, then an optional Upsample."""
+
     out_channels: int
     num_layers: int
     groups: int
@@ -300,6 +351,7 @@ class UpDecoderBlock(nn.Module):
 
 class Encoder(nn.Module):
     """conv_in, down blocks, mid block, GroupNorm-SiLU-conv_out: [N,H,W,C] -> [N,H/f,W/f,2L]."""
+
     config: VAEConfig
     dtype: Any = jnp.float32
 
@@ -309,8 +361,14 @@ class Encoder(nn.Module):
         chans, groups = cfg.block_out_channels, cfg.norm_num_groups
         x = _conv(chans[0], 3, dt, "conv_in")(x.astype(dt))
         for i, c in enumerate(chans):
-            x = DownEncoderBlock(c, cfg.layers_per_block, groups, add_downsample=i < len(chans) - 1,
-                                 dtype=dt, name=f"down_blocks_{i}")(x)
+            x = DownEncoderBlock(
+                c,
+                cfg.layers_per_block,
+                groups,
+                add_downsample=i < len(chans) - 1,
+                dtype=dt,
+                name=f"down_blocks_{i}",
+            )(x)
         x = MidBlock(chans[-1], groups, cfg.mid_block_add_attention, dt, name="mid_block")(x)
         x = nn.silu(GroupNorm(groups, dtype=dt, name="conv_norm_out")(x))
         return _conv(2 * cfg.latent_channels, 3, dt, "conv_out")(x)
@@ -318,6 +376,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """conv_in, mid block, up blocks (reversed widths), GroupNorm-SiLU-conv_out: [N,h,w,L] -> [N,hf,wf,C]."""
+
     config: VAEConfig
     dtype: Any = jnp.float32
 
@@ -328,8 +387,14 @@ class Decoder(nn.Module):
         x = _conv(chans[0], 3, dt, "conv_in")(z.astype(dt))
         x = MidBlock(chans[0], groups, cfg.mid_block_add_attention, dt, name="mid_block")(x)
         for i, c in enumerate(chans):
-            x = UpDecoderBlock(c, cfg.layers_per_block + 1, groups, add_upsample=i < len(chans) - 1,
-                               dtype=dt, name=f"up_blocks_{i}")(x)
+            x = UpDecoderBlock(
+                c,
+                cfg.layers_per_block + 1,
+                groups,
+                add_upsample=i < len(chans) - 1,
+                dtype=dt,
+                name=f"up_blocks_{i}",
+            )(x)
         x = nn.silu(GroupNorm(groups, dtype=dt, name="conv_norm_out")(x))
         return _conv(cfg.out_channels, 3, dt, "conv_out")(x)
 
@@ -337,6 +402,7 @@ class Decoder(nn.Module):
 @flax.struct.dataclass
 class DiagonalGaussian:
     """The VAE posterior N(mean, exp(logvar)), elementwise; arrays [N, h, w, L]."""
+
     mean: Array
     logvar: Array
 
@@ -372,6 +438,7 @@ class DiagonalGaussian:
 
 class AutoencoderKL(nn.Module):
     """The KL autoencoder: `encode` images -> moments, `decode` latents -> images (NHWC, float32 out)."""
+
     config: VAEConfig
     dtype: Any = jnp.float32  # convolution / projection dtype; parameters are always float32
 
@@ -386,11 +453,15 @@ class AutoencoderKL(nn.Module):
 
     def _check(self, x: Array, channels: int, what: str) -> None:
         if x.ndim != 4:
-            raise ValueError(f"VAE {what}: expected [N, H, W, {channels}] (NHWC), got shape {tuple(x.shape)}.")
+            raise ValueError(
+                f"VAE {what}: expected [N, H, W, {channels}] (NHWC), got shape {tuple(x.shape)}."
+            )
         if x.shape[-1] != channels:
             hint = " (it looks NCHW; transpose to NHWC)" if x.shape[1] == channels else ""
-            raise ValueError(f"VAE {what}: expected {channels} channels last (NHWC), got shape "
-                             f"{tuple(x.shape)}{hint}.")
+            raise ValueError(
+                f"VAE {what}: expected {channels} channels last (NHWC), got shape "
+                f"{tuple(x.shape)}{hint}."
+            )
 
     def encode(self, x: Array) -> Array:
         """Images [N, H, W, C] in [-1, 1] -> moments [N, H/f, W/f, 2L] float32 (mean, raw logvar)."""
@@ -422,6 +493,7 @@ class AutoencoderKL(nn.Module):
 # Parameters
 # ----------------------------------------------------------------------------------------
 
+
 def _dummy_images(config: VAEConfig) -> jax.ShapeDtypeStruct:
     side = config.downsample_factor
     return jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
@@ -429,8 +501,9 @@ def _dummy_images(config: VAEConfig) -> jax.ShapeDtypeStruct:
 
 def abstract_params(model: AutoencoderKL) -> dict:
     """Parameter shapes/dtypes (jax.ShapeDtypeStruct) without allocating anything."""
-    variables = jax.eval_shape(lambda r, x: model.init({"params": r}, x), jax.random.key(0),
-                               _dummy_images(model.config))
+    variables = jax.eval_shape(
+        lambda r, x: model.init({"params": r}, x), jax.random.key(0), _dummy_images(model.config)
+    )
     return variables["params"]
 
 
@@ -451,7 +524,9 @@ def torch_key(path: Sequence[str]) -> str:
     return ".".join(parts)
 
 
-_LEGACY_ATTENTION = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+_LEGACY_ATTENTION = re.compile(
+    r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$"
+)
 _LEGACY_TO_CURRENT = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -474,8 +549,9 @@ def _to_flax(path: tuple, value: np.ndarray, target_ndim: int) -> np.ndarray:
     return value
 
 
-def vae_params_from_state_dict(sd: Mapping[str, np.ndarray], config: VAEConfig, *,
-                               source: str = "state dict") -> dict:
+def vae_params_from_state_dict(
+    sd: Mapping[str, np.ndarray], config: VAEConfig, *, source: str = "state dict"
+) -> dict:
     """diffusers AutoencoderKL state dict -> float32 Flax params, checking every key and shape.
 
     Accepts the current (to_q/to_k/to_v/to_out.0) and the legacy (query/key/value/proj_attn)
@@ -507,7 +583,9 @@ def vae_params_from_state_dict(sd: Mapping[str, np.ndarray], config: VAEConfig, 
         raw = np.asarray(raw)
         value = _to_flax(path, raw, len(leaf.shape))
         if tuple(value.shape) != tuple(leaf.shape):
-            mismatched.append(f"{origin[key]}: file {tuple(raw.shape)}, model {_torch_shape(tuple(leaf.shape))}")
+            mismatched.append(
+                f"{origin[key]}: file {tuple(raw.shape)}, model {_torch_shape(tuple(leaf.shape))}"
+            )
             continue
         if value.dtype.kind != "f" and value.dtype.name != "bfloat16":
             mismatched.append(f"{origin[key]}: dtype {value.dtype}, expected floating point")
@@ -516,12 +594,18 @@ def vae_params_from_state_dict(sd: Mapping[str, np.ndarray], config: VAEConfig, 
     unexpected = sorted(origin[k] for k in set(renamed) - used)
     if missing or unexpected or mismatched or duplicates:
         cfg = config
-        lines = [f"{source} does not fit the VAE (block_out_channels {list(cfg.block_out_channels)}, "
-                 f"layers_per_block {cfg.layers_per_block}, latent_channels {cfg.latent_channels}, "
-                 f"mid-block attention {cfg.mid_block_add_attention}, quant_conv {cfg.use_quant_conv}, "
-                 f"post_quant_conv {cfg.use_post_quant_conv}):"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched),
-                            ("given twice (current and legacy attention names)", duplicates)):
+        lines = [
+            f"{source} does not fit the VAE (block_out_channels {list(cfg.block_out_channels)}, "
+            f"layers_per_block {cfg.layers_per_block}, latent_channels {cfg.latent_channels}, "
+            f"mid-block attention {cfg.mid_block_add_attention}, quant_conv {cfg.use_quant_conv}, "
+            f"post_quant_conv {cfg.use_post_quant_conv}):"
+        ]
+        for title, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", mismatched),
+            ("given twice (current and legacy attention names)", duplicates),
+        ):
             if keys:
                 shown = keys[:12] + ([f"... ({len(keys) - 12} more)"] if len(keys) > 12 else [])
                 lines.append(f"  {title} ({len(keys)}): " + ", ".join(shown))
@@ -540,9 +624,15 @@ def _read_weights(folder: str) -> tuple[dict, str]:
     for name in WEIGHT_FILES:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            read = state_dicts.read_safetensors if name.endswith(".safetensors") else state_dicts.read_torch_file
+            read = (
+                state_dicts.read_safetensors
+                if name.endswith(".safetensors")
+                else state_dicts.read_torch_file
+            )
             obj = read(path)
-            if not isinstance(obj, Mapping) or not all(isinstance(v, np.ndarray) for v in obj.values()):
+            if not isinstance(obj, Mapping) or not all(
+                isinstance(v, np.ndarray) for v in obj.values()
+            ):
                 raise CheckpointError(f"{path}: not a flat state dict of tensors.")
             return dict(obj), path
     raise CheckpointError(f"{folder}: no VAE weights; expected {' or '.join(WEIGHT_FILES)}.")
@@ -555,25 +645,33 @@ def _download(repo_id: str, revision: Optional[str], subfolder: Optional[str]) -
         raise CheckpointError(
             f"{repo_id!r} is not a local folder, and huggingface_hub is not installed to download it "
             "from the Hugging Face Hub (pip install huggingface_hub), or pass a local diffusers folder "
-            "(config.json + diffusion_pytorch_model.safetensors).") from None
+            "(config.json + diffusion_pytorch_model.safetensors)."
+        ) from None
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
         root = None
         for weights in WEIGHT_FILES:  # the .bin only where there is no .safetensors
             root = huggingface_hub.snapshot_download(
-                repo_id, revision=revision, allow_patterns=[prefix + CONFIG_FILE, prefix + weights])
+                repo_id, revision=revision, allow_patterns=[prefix + CONFIG_FILE, prefix + weights]
+            )
             if os.path.isfile(os.path.join(root, prefix + weights)):
                 break
     except Exception as e:  # offline, unknown repository, gated, network errors, ...
         raise CheckpointError(
             f"{repo_id!r} is not a local folder and could not be downloaded from the Hugging Face Hub "
             f"({type(e).__name__}: {e}). Check the id and the network (HF_HUB_OFFLINE), or pass a local "
-            "diffusers folder (config.json + diffusion_pytorch_model.safetensors).") from None
+            "diffusers folder (config.json + diffusion_pytorch_model.safetensors)."
+        ) from None
     return os.path.join(root, prefix) if prefix else root
 
 
-def load_vae(path_or_hub_id, dtype=jnp.float32, *, revision: Optional[str] = None,
-             subfolder: Optional[str] = None) -> tuple[AutoencoderKL, dict]:
+def load_vae(
+    path_or_hub_id,
+    dtype=jnp.float32,
+    *,
+    revision: Optional[str] = None,
+    subfolder: Optional[str] = None,
+) -> tuple[AutoencoderKL, dict]:
     """(model, float32 params) from a diffusers AutoencoderKL folder or a Hub id.
 
     A local folder needs config.json and diffusion_pytorch_model.safetensors (or .bin, read
@@ -586,16 +684,23 @@ def load_vae(path_or_hub_id, dtype=jnp.float32, *, revision: Optional[str] = Non
     if os.path.exists(source):
         folder = os.path.join(source, subfolder) if subfolder else source
         if not os.path.isdir(folder):
-            raise CheckpointError(f"{folder}: expected a diffusers VAE folder (config.json + "
-                                  f"{WEIGHT_FILES[0]}), not a file.")
-        if not subfolder and not os.path.isfile(os.path.join(folder, CONFIG_FILE)) \
-                and os.path.isfile(os.path.join(folder, "vae", CONFIG_FILE)):
+            raise CheckpointError(
+                f"{folder}: expected a diffusers VAE folder (config.json + "
+                f"{WEIGHT_FILES[0]}), not a file."
+            )
+        if (
+            not subfolder
+            and not os.path.isfile(os.path.join(folder, CONFIG_FILE))
+            and os.path.isfile(os.path.join(folder, "vae", CONFIG_FILE))
+        ):
             folder = os.path.join(folder, "vae")
     elif _HUB_ID.match(source) and not source.startswith((".", "~")):
         folder = _download(source, revision, subfolder)
     else:
-        raise CheckpointError(f"{source}: no such folder (and not a Hugging Face Hub id like "
-                              "'stabilityai/sd-vae-ft-ema').")
+        raise CheckpointError(
+            f"{source}: no such folder (and not a Hugging Face Hub id like "
+            "'stabilityai/sd-vae-ft-ema')."
+        )
     config_path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{folder}: no {CONFIG_FILE}; not a diffusers VAE folder.")
@@ -619,7 +724,9 @@ _AXIS = "batch"
 
 def _mesh(devices: Optional[Sequence[jax.Device]]) -> Mesh:
     devices = tuple(devices if devices is not None else jax.local_devices())
-    return Mesh(np.asarray(devices, dtype=object), (_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    return Mesh(
+        np.asarray(devices, dtype=object), (_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+    )
 
 
 def replicate_params(params, devices: Optional[Sequence[jax.Device]] = None):
@@ -639,16 +746,26 @@ def _compiled(model: AutoencoderKL, method: str, devices: tuple):
     mesh = _mesh(devices)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(_AXIS))
     if method == "encode":
+
         def fn(params, x):
             return model.apply({"params": params}, _prepare_images(x), method="encode")
     else:
+
         def fn(params, z):
             return model.apply({"params": params}, z, method="decode")
+
     return jax.jit(fn, in_shardings=(replicated, split), out_shardings=split), replicated, split
 
 
-def _run_batched(model: AutoencoderKL, params, inputs, method: str, dtype, batch_size: Optional[int],
-                 devices: Optional[Sequence[jax.Device]]) -> np.ndarray:
+def _run_batched(
+    model: AutoencoderKL,
+    params,
+    inputs,
+    method: str,
+    dtype,
+    batch_size: Optional[int],
+    devices: Optional[Sequence[jax.Device]],
+) -> np.ndarray:
     if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
         model = model.clone(dtype=dtype)
     devices = tuple(devices if devices is not None else jax.local_devices())
@@ -656,7 +773,9 @@ def _run_batched(model: AutoencoderKL, params, inputs, method: str, dtype, batch
     params = jax.device_put(params, replicated)
     inputs = np.asarray(inputs) if not isinstance(inputs, jax.Array) else inputs
     if inputs.ndim != 4:
-        raise ValueError(f"VAE {method}: expected a batch [N, H, W, C] (NHWC), got shape {tuple(inputs.shape)}.")
+        raise ValueError(
+            f"VAE {method}: expected a batch [N, H, W, C] (NHWC), got shape {tuple(inputs.shape)}."
+        )
     n, d = inputs.shape[0], len(devices)
     if n == 0:
         raise ValueError(f"VAE {method}: empty batch.")
@@ -664,43 +783,71 @@ def _run_batched(model: AutoencoderKL, params, inputs, method: str, dtype, batch
     chunk = -(-chunk // d) * d  # a multiple of the device count; every chunk is padded to it
     outputs, pending = [], None
     for start in range(0, n, chunk):
-        part = inputs[start:start + chunk]
+        part = inputs[start : start + chunk]
         valid = part.shape[0]
         if valid < chunk:
             pad = [(0, chunk - valid)] + [(0, 0)] * (part.ndim - 1)
-            part = np.pad(np.asarray(part), pad) if isinstance(part, np.ndarray) else jnp.pad(part, pad)
+            part = (
+                np.pad(np.asarray(part), pad)
+                if isinstance(part, np.ndarray)
+                else jnp.pad(part, pad)
+            )
         out = fn(params, jax.device_put(part, split))
         if pending is not None:  # fetch the previous chunk while this one runs
-            outputs.append(np.asarray(pending[0])[:pending[1]])
+            outputs.append(np.asarray(pending[0])[: pending[1]])
         pending = (out, valid)
-    outputs.append(np.asarray(pending[0])[:pending[1]])
+    outputs.append(np.asarray(pending[0])[: pending[1]])
     return np.concatenate(outputs, axis=0)
 
 
-def encode_moments(model: AutoencoderKL, params, images, *, dtype=None, batch_size: Optional[int] = None,
-                   devices: Optional[Sequence[jax.Device]] = None) -> np.ndarray:
+def encode_moments(
+    model: AutoencoderKL,
+    params,
+    images,
+    *,
+    dtype=None,
+    batch_size: Optional[int] = None,
+    devices: Optional[Sequence[jax.Device]] = None,
+) -> np.ndarray:
     """Images [N, H, W, C] (uint8 in [0, 255] or float in [-1, 1]) -> moments [N, h, w, 2L]
     float32 numpy, split over `devices` (default: all local devices) in chunks of `batch_size`."""
     return _run_batched(model, params, images, "encode", dtype, batch_size, devices)
 
 
-def encode_images(model: AutoencoderKL, params, images, *, dtype=None, batch_size: Optional[int] = None,
-                  devices: Optional[Sequence[jax.Device]] = None) -> DiagonalGaussian:
+def encode_images(
+    model: AutoencoderKL,
+    params,
+    images,
+    *,
+    dtype=None,
+    batch_size: Optional[int] = None,
+    devices: Optional[Sequence[jax.Device]] = None,
+) -> DiagonalGaussian:
     """Images [N, H, W, C] (uint8 [0, 255] or float [-1, 1]) -> the posterior over unscaled
     latents [N, h, w, L] (numpy float32 mean and logvar). Multiply a sample or the mean by
     `model.config.scaling_factor` where the latents are stored."""
-    moments = encode_moments(model, params, images, dtype=dtype, batch_size=batch_size, devices=devices)
+    moments = encode_moments(
+        model, params, images, dtype=dtype, batch_size=batch_size, devices=devices
+    )
     latent = moments.shape[-1] // 2
     return DiagonalGaussian(moments[..., :latent], np.clip(moments[..., latent:], *LOGVAR_RANGE))
 
 
-def decode_latents(model: AutoencoderKL, params, latents, *, dtype=None, batch_size: Optional[int] = None,
-                   devices: Optional[Sequence[jax.Device]] = None) -> np.ndarray:
+def decode_latents(
+    model: AutoencoderKL,
+    params,
+    latents,
+    *,
+    dtype=None,
+    batch_size: Optional[int] = None,
+    devices: Optional[Sequence[jax.Device]] = None,
+) -> np.ndarray:
     """Unscaled latents [N, h, w, L] (divide by `model.config.scaling_factor` first) -> images
     [N, h*f, w*f, C] float32 numpy in about [-1, 1], split over `devices` in chunks."""
     return _run_batched(model, params, latents, "decode", dtype, batch_size, devices)
 
 
 def images_to_uint8(images) -> np.ndarray:
-    """[-1, 1] float images -> uint8 as the DiT sampling script does: clip(127.5 x + 128, 0, 255), truncated."""
+    """[-1, 1] float images -> uint8 as the DiT sampling script does: clip(127.5 x + 128, 0, 255),
+    truncated."""
     return np.clip(127.5 * np.asarray(images, np.float32) + 128.0, 0, 255).astype(np.uint8)

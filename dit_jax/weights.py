@@ -48,25 +48,31 @@ def load_params(directory: str, model=None) -> tuple[dict, dict]:
     config = saved_model_config(directory)
     if config is None:
         raise CheckpointError(
-            f"{directory}: not a dit_jax parameter checkpoint (no {MODEL_CONFIG_FILE}).")
+            f"{directory}: not a dit_jax parameter checkpoint (no {MODEL_CONFIG_FILE})."
+        )
     with ocp.StandardCheckpointer() as ckptr:
         try:
             restored = ckptr.restore(os.path.join(directory, "params"))
         except Exception as e:  # orbax raises many types for bad trees/files
-            raise CheckpointError(f"{directory}: cannot restore parameters "
-                                  f"({type(e).__name__}: {e}).") from None
+            raise CheckpointError(
+                f"{directory}: cannot restore parameters ({type(e).__name__}: {e})."
+            ) from None
     params = jax.tree_util.tree_map(np.asarray, restored["params"])
     if model is not None:  # Orbax does not check shapes against a target; do it here
         target = traverse_util.flatten_dict(models.abstract_params(model))
         want = {path: tuple(v.shape) for path, v in target.items()}
         have = {path: tuple(v.shape) for path, v in traverse_util.flatten_dict(params).items()}
-        wrong = [f"{'/'.join(p)}: file {have.get(p)}, model {want.get(p)}"
-                 for p in sorted(set(want) | set(have)) if want.get(p) != have.get(p)]
+        wrong = [
+            f"{'/'.join(p)}: file {have.get(p)}, model {want.get(p)}"
+            for p in sorted(set(want) | set(have))
+            if want.get(p) != have.get(p)
+        ]
         if wrong:
             shown = wrong[:8] + ([f"... ({len(wrong) - 8} more)"] if len(wrong) > 8 else [])
-            raise CheckpointError(f"{directory}: parameters do not fit the model ({len(wrong)} "
-                                  f"differ; the checkpoint was saved for {config}): "
-                                  + "; ".join(shown))
+            raise CheckpointError(
+                f"{directory}: parameters do not fit the model ({len(wrong)} "
+                f"differ; the checkpoint was saved for {config}): " + "; ".join(shown)
+            )
     return params, config
 
 
@@ -83,23 +89,42 @@ def load_dit_params(path: str, model, *, which: str = "ema", prefix: str = "") -
 # Conversion between formats (the dit_jax.convert command line)
 # ----------------------------------------------------------------------------------------
 
+
 def _diffusers_config(src: str, model_name: Optional[str], diffusers_forward: bool):
     sd, kwargs = diffusers_format.read_diffusers_dit(src, diffusers_forward=diffusers_forward)
     size = (kwargs["depth"], kwargs["hidden_size"], kwargs["num_heads"], kwargs["patch_size"])
-    names = [n for n in models.MODEL_NAMES
-             if tuple(models.model_kwargs_from_name(n)[k] for k in
-                      ("depth", "hidden_size", "num_heads", "patch_size")) == size]
+    names = [
+        n
+        for n in models.MODEL_NAMES
+        if tuple(
+            models.model_kwargs_from_name(n)[k]
+            for k in ("depth", "hidden_size", "num_heads", "patch_size")
+        )
+        == size
+    ]
     if model_name and models.canonical_name(model_name) not in names:
         raise CheckpointError(
             f"{src}: holds depth {size[0]}, width {size[1]}, {size[2]} heads, patch {size[3]}, "
-            f"not {models.canonical_name(model_name)}; omit --model to take the folder's size.")
+            f"not {models.canonical_name(model_name)}; omit --model to take the folder's size."
+        )
     return sd, dict(name=names[0] if names else "custom", **kwargs, block_type="adaln_zero")
 
 
-def convert(src: str, dst: str, model_name: Optional[str] = None, *, num_heads: int = 0,
-            which: str = "ema", prefix: str = "", input_size: int = 0, num_classes: int = 0,
-            output_format: str = "orbax", vae: Optional[str] = None, scheduler: str = "ddim",
-            diffusers_forward: bool = False) -> dict:
+def convert(
+    src: str,
+    dst: str,
+    model_name: Optional[str] = None,
+    *,
+    num_heads: int = 0,
+    which: str = "ema",
+    prefix: str = "",
+    input_size: int = 0,
+    num_classes: int = 0,
+    output_format: str = "orbax",
+    vae: Optional[str] = None,
+    scheduler: str = "ddim",
+    diffusers_forward: bool = False,
+) -> dict:
     """Converts a DiT checkpoint `src` (any format this module reads) for `model_name` (or a custom size read from the file with `num_heads`)
     and writes it to `dst`; returns the model config that was saved with it.
 
@@ -118,22 +143,32 @@ def convert(src: str, dst: str, model_name: Optional[str] = None, *, num_heads: 
         model_kwargs = models.model_kwargs_from_name(model_name)
         name = models.canonical_name(model_name)
     elif info is None:
-        raise CheckpointError(f"{src}: not an official-layout DiT state dict; give --model to see "
-                                          "which keys are missing.")
+        raise CheckpointError(
+            f"{src}: not an official-layout DiT state dict; give --model to see "
+            "which keys are missing."
+        )
     elif num_heads <= 0:
         raise ValueError("a custom-size model needs --num_heads (or give --model).")
     else:
-        model_kwargs = dict(depth=info["depth"], hidden_size=info["hidden_size"], num_heads=num_heads,
-                            patch_size=info["patch_size"])
+        model_kwargs = dict(
+            depth=info["depth"],
+            hidden_size=info["hidden_size"],
+            num_heads=num_heads,
+            patch_size=info["patch_size"],
+        )
         name = "custom"
     info = info or {}
     config = dict(
-        name=name, **model_kwargs,
+        name=name,
+        **model_kwargs,
         input_size=input_size or info.get("input_size", 32),
         in_channels=info.get("in_channels", 4),
         learn_sigma=info.get("learn_sigma", True),
         num_classes=num_classes or info.get("num_classes_plus_null", 1001) - 1,
-        class_dropout_prob=0.1, mlp_ratio=4.0, block_type="adaln_zero")
+        class_dropout_prob=0.1,
+        mlp_ratio=4.0,
+        block_type="adaln_zero",
+    )
     if diffusers_forward:
         config.update(models.DIFFUSERS_FORWARD)
     return _write(src, dst, sd, config, output_format, vae, scheduler)

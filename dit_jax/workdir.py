@@ -32,8 +32,9 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def save_run_config(workdir: str, config) -> None:
-    files.write_atomically(os.path.join(workdir, RUN_CONFIG_FILE),
-                           config.to_json_best_effort(indent=1))
+    files.write_atomically(
+        os.path.join(workdir, RUN_CONFIG_FILE), config.to_json_best_effort(indent=1)
+    )
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -51,8 +52,10 @@ def dataset_dir(config) -> str:
     if config.data.dir == "embedded":
         size = config.data.image_size
         if not 8 <= size <= 32:
-            raise ValueError(f"the embedded dataset holds 28px digits; config.data.image_size must "
-                             f"be in [8, 32], got {size}.")
+            raise ValueError(
+                f"the embedded dataset holds 28px digits; config.data.image_size must "
+                f"be in [8, 32], got {size}."
+            )
         path = embedded.embedded_dataset_dir(size)
         if jax.process_index() == 0:
             embedded.ensure_embedded_dataset(path, image_size=size)
@@ -60,11 +63,15 @@ def dataset_dir(config) -> str:
             multihost_utils.sync_global_devices("dit_jax.embedded_dataset")
         return path
     if not config.data.dir:
-        raise ValueError("config.data.dir is empty: give a latent dataset from "
-                         "dit_jax.data.encode, or 'embedded'.")
+        raise ValueError(
+            "config.data.dir is empty: give a latent dataset from "
+            "dit_jax.data.encode, or 'embedded'."
+        )
     if not os.path.isdir(config.data.dir):
-        raise ValueError(f"dataset {config.data.dir} does not exist; encode one with "
-                         "python -m dit_jax.data.encode.")
+        raise ValueError(
+            f"dataset {config.data.dir} does not exist; encode one with "
+            "python -m dit_jax.data.encode."
+        )
     return config.data.dir
 
 
@@ -77,13 +84,22 @@ def model_for_dataset(config, meta: dict) -> models.DiT:
     m = config.model
     sizes = ("depth", "hidden_size", "num_heads", "patch_size")
     if not m.name and any(m[k] is None for k in sizes):
-        raise ValueError("config.model.name is empty: give a model name (e.g. 'XL/2') or all of "
-                         "depth, hidden_size, num_heads and patch_size.")
-    fields = dict(name=m.name or None, input_size=h, in_channels=c,
-                  num_classes=meta["num_classes"], block_type=m.block_type,
-                  class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-                  dtype=jnp.dtype(m.dtype), remat=m.remat,
-                  attention=None if m.attention == "auto" else m.attention)
+        raise ValueError(
+            "config.model.name is empty: give a model name (e.g. 'XL/2') or all of "
+            "depth, hidden_size, num_heads and patch_size."
+        )
+    fields = dict(
+        name=m.name or None,
+        input_size=h,
+        in_channels=c,
+        num_classes=meta["num_classes"],
+        block_type=m.block_type,
+        class_dropout_prob=m.class_dropout_prob,
+        learn_sigma=m.learn_sigma,
+        dtype=jnp.dtype(m.dtype),
+        remat=m.remat,
+        attention=None if m.attention == "auto" else m.attention,
+    )
     fields.update({k: m[k] for k in sizes if m[k] is not None})
     model = models.model_from_config(fields)
     model.check_config()
@@ -106,8 +122,10 @@ def load_ema(workdir: str, step: Optional[int] = None):
             state, _, step = restored
         else:
             if step not in manager.all_steps():
-                raise ValueError(f"{workdir} has no checkpoint at step {step} "
-                                 f"(it has {list(manager.all_steps())}).")
+                raise ValueError(
+                    f"{workdir} has no checkpoint at step {step} "
+                    f"(it has {list(manager.all_steps())})."
+                )
             state, _ = checkpoints.restore_checkpoint(manager, step)
     finally:
         checkpoints.close_manager(manager)

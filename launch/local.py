@@ -33,16 +33,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_env(base: dict, process_id: int, num_processes: int, port: int,
-                devices_per_process: Optional[int]) -> dict:
+def process_env(
+    base: dict, process_id: int, num_processes: int, port: int, devices_per_process: Optional[int]
+) -> dict:
     """The environment of process `process_id`."""
-    env = {**base, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-           "JAX_NUM_PROCESSES": str(num_processes), "JAX_PROCESS_ID": str(process_id),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **base,
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": str(num_processes),
+        "JAX_PROCESS_ID": str(process_id),
+        "PYTHONUNBUFFERED": "1",
+    }
     if devices_per_process:
         flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
         env["XLA_FLAGS"] = " ".join(
-            flags.split() + [f"--xla_force_host_platform_device_count={devices_per_process}"])
+            flags.split() + [f"--xla_force_host_platform_device_count={devices_per_process}"]
+        )
         env.setdefault("JAX_PLATFORMS", "cpu")
     return env
 
@@ -55,8 +61,14 @@ def exit_status(returncode: int) -> int:
 class Group:
     """The running processes, their prefixed output and the signals forwarded to them."""
 
-    def __init__(self, cmd: Sequence[str], num_processes: int, devices_per_process: Optional[int],
-                 port: int, out=None):
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        num_processes: int,
+        devices_per_process: Optional[int],
+        port: int,
+        out=None,
+    ):
         self.out = out or sys.stdout
         self._lock = threading.Lock()
         self.procs, self._readers = [], []
@@ -64,13 +76,20 @@ class Group:
         for i in range(num_processes):
             env = process_env(dict(os.environ), i, num_processes, port, devices_per_process)
             try:  # a session of its own: only the signals forwarded here reach it
-                proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True)
+                proc = subprocess.Popen(
+                    list(cmd),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
             except FileNotFoundError:
                 self.kill()
                 raise common.LaunchError(f"{cmd[0]!r} was not found") from None
             self.procs.append(proc)
-            reader = threading.Thread(target=self._pump, args=(proc, f"[{i:>{width}}] "), daemon=True)
+            reader = threading.Thread(
+                target=self._pump, args=(proc, f"[{i:>{width}}] "), daemon=True
+            )
             reader.start()
             self._readers.append(reader)
 
@@ -104,8 +123,14 @@ def note(message: str) -> None:
     print(f"launch.local: {message}", file=sys.stderr, flush=True)
 
 
-def run(cmd: Sequence[str], num_processes: int, devices_per_process: Optional[int] = None,
-        port: Optional[int] = None, grace_s: float = 10.0, poll_s: float = 0.05) -> int:
+def run(
+    cmd: Sequence[str],
+    num_processes: int,
+    devices_per_process: Optional[int] = None,
+    port: Optional[int] = None,
+    grace_s: float = 10.0,
+    poll_s: float = 0.05,
+) -> int:
     """Runs the group to the end; returns the launcher's exit status."""
     requested = {"count": 0}
     group = None
@@ -139,8 +164,10 @@ def run(cmd: Sequence[str], num_processes: int, devices_per_process: Optional[in
                 if failed is None and proc.poll() not in (None, 0):
                     failed = (i, proc.returncode)
                     if group.alive():
-                        note(f"process {i} exited with status {exit_status(proc.returncode)}; "
-                             "stopping the others")
+                        note(
+                            f"process {i} exited with status {exit_status(proc.returncode)}; "
+                            "stopping the others"
+                        )
                         group.signal(signal.SIGTERM)
                         stop_at = time.monotonic() + grace_s
             if stop_at is not None and time.monotonic() > stop_at and group.alive():
@@ -150,8 +177,9 @@ def run(cmd: Sequence[str], num_processes: int, devices_per_process: Optional[in
             time.sleep(poll_s)
         group.finish_output()
         if failed is None:
-            failed = next(((i, p.returncode) for i, p in enumerate(group.procs) if p.returncode),
-                          None)
+            failed = next(
+                ((i, p.returncode) for i, p in enumerate(group.procs) if p.returncode), None
+            )
         if failed is not None:
             note(f"process {failed[0]} failed with status {exit_status(failed[1])}")
             return exit_status(failed[1])
@@ -167,18 +195,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     own, cmd = common.split_passthrough(argv)
     p = common.Parser(prog="python -m launch.local", description=__doc__.split("\n\n")[0])
     p.add_argument("--num_processes", type=int, required=True)
-    p.add_argument("--devices_per_process", type=int, default=None,
-                   help="CPU devices of each process (XLA_FLAGS); default: as the environment says")
+    p.add_argument(
+        "--devices_per_process",
+        type=int,
+        default=None,
+        help="CPU devices of each process (XLA_FLAGS); default: as the environment says",
+    )
     p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
-    p.add_argument("--grace_s", type=float, default=10.0,
-                   help="seconds the others get to stop after one fails, before SIGKILL")
+    p.add_argument(
+        "--grace_s",
+        type=float,
+        default=10.0,
+        help="seconds the others get to stop after one fails, before SIGKILL",
+    )
     args = p.parse_args(own)
     if not cmd:
-        raise common.LaunchError("no command: give it after `--`, e.g. -- python -m dit_jax.main ...")
+        raise common.LaunchError(
+            "no command: give it after `--`, e.g. -- python -m dit_jax.main ..."
+        )
     if args.num_processes < 1:
         raise common.LaunchError(f"--num_processes must be positive, got {args.num_processes}")
     if args.devices_per_process is not None and args.devices_per_process < 1:
-        raise common.LaunchError(f"--devices_per_process must be positive, got {args.devices_per_process}")
+        raise common.LaunchError(
+            f"--devices_per_process must be positive, got {args.devices_per_process}"
+        )
     return run(cmd, args.num_processes, args.devices_per_process, args.port, args.grace_s)
 
 

@@ -44,6 +44,7 @@ class RunData:
 def _path(p: str):
     """A local or gs:// path (etils.epath: the same calls for both)."""
     from etils import epath
+
     return epath.Path(p)
 
 
@@ -67,13 +68,16 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts]) if common.is_gcs(root) else os.path.join(root, *parts)
+    return (
+        "/".join([root.rstrip("/"), *parts]) if common.is_gcs(root) else os.path.join(root, *parts)
+    )
 
 
 def latest_samples(workdir: str) -> Optional[str]:
     def step_of(name):
         m = re.search(r"(\d+)", name)
         return int(m.group(1)) if m else -1
+
     d = _path(_join(workdir, "samples"))
     if not d.is_dir():
         return None
@@ -89,12 +93,17 @@ def discover(root: str, names: Optional[Sequence[str]] = None) -> list[str]:
         raise LaunchError(f"cannot read --root {root}: {type(e).__name__}: {e}") from None
     if not is_dir:
         raise LaunchError(f"--root {root} is not a directory.")
-    found = sorted(d.name for d in r.iterdir()
-                   if d.is_dir() and any((d / f).is_file() for f in (*METRIC_FILES, "config.json")))
+    found = sorted(
+        d.name
+        for d in r.iterdir()
+        if d.is_dir() and any((d / f).is_file() for f in (*METRIC_FILES, "config.json"))
+    )
     if names:
         missing = sorted(set(names) - set(found))
         if missing:
-            raise LaunchError(f"--runs: no run {', '.join(missing)} under {root} (found: {', '.join(found) or 'none'}).")
+            raise LaunchError(
+                f"--runs: no run {', '.join(missing)} under {root} (found: {', '.join(found) or 'none'})."
+            )
         found = list(names)
     if not found:
         raise LaunchError(f"no runs under {root} (directories with metrics.jsonl or config.json).")
@@ -115,6 +124,7 @@ def load_run(root: str, name: str) -> RunData:
 # Model cost (dit_jax.flops on the run's model)
 # ----------------------------------------------------------------------------------------
 
+
 def _guess_meta(config) -> dict:
     """Dataset shape when the dataset is not on this machine: embedded MNIST (1 channel, 10
     classes), pixel space (identity autoencoder), or SD-VAE latents (image / 8, 4 channels)."""
@@ -134,14 +144,19 @@ def model_stats(config_dict: dict) -> dict:
     import ml_collections
     from dit_jax import flops, models, workdir
     from dit_jax.data import latents as latents_lib
+
     config = ml_collections.ConfigDict(config_dict)
     try:
         meta = latents_lib.read_metadata(workdir.dataset_dir(config))
     except Exception:  # dataset not here: its shape from the config
         meta = _guess_meta(config)
     model = workdir.model_for_dataset(config, meta)
-    return {"params": models.count_params(models.abstract_params(model)), "gflops": flops.forward_flops(model) / 1e9,
-            "tokens": model.num_patches, "patch_size": model.patch_size}
+    return {
+        "params": models.count_params(models.abstract_params(model)),
+        "gflops": flops.forward_flops(model) / 1e9,
+        "tokens": model.num_patches,
+        "patch_size": model.patch_size,
+    }
 
 
 def model_label(config: dict) -> str:
@@ -154,6 +169,7 @@ def model_label(config: dict) -> str:
 # ----------------------------------------------------------------------------------------
 # Table
 # ----------------------------------------------------------------------------------------
+
 
 def series(records: list[dict], key: str) -> list[tuple[int, float]]:
     """(step, value) sorted by step; the last record of a step wins."""
@@ -168,8 +184,13 @@ def series(records: list[dict], key: str) -> list[tuple[int, float]]:
 def train_minutes(records: list[dict]) -> Optional[float]:
     """Time spent in train steps (from each logged window's steps/s; compile, start-up, sampling
     and evaluation excluded), in minutes."""
-    logged = sorted({int(r["step"]): float(r["steps_per_sec"]) for r in records
-                     if isinstance(r.get("steps_per_sec"), (int, float)) and r["steps_per_sec"] > 0}.items())
+    logged = sorted(
+        {
+            int(r["step"]): float(r["steps_per_sec"])
+            for r in records
+            if isinstance(r.get("steps_per_sec"), (int, float)) and r["steps_per_sec"] > 0
+        }.items()
+    )
     if not logged:
         return None
     total, prev = 0.0, 0
@@ -193,18 +214,31 @@ def summarize(run: RunData, metric: Optional[str]) -> dict:
     steps = max((int(r["step"]) for r in run.records if "loss" in r), default=None)
     batch = run.config.get("batch_size")
     g = run.stats.get("gflops")
-    row = {"run": run.name, "model": model_label(run.config) if run.config else "",
-           "params_M": run.stats["params"] / 1e6 if "params" in run.stats else None,
-           "gflops": g, "tokens": run.stats.get("tokens"), "patch": run.stats.get("patch_size"),
-           "batch_size": batch, "steps": steps,
-           "train_compute_gflop": g * batch * steps * 3 if None not in (g, batch, steps) else None,
-           "final_loss": loss[-1][1] if loss else None, "min_loss": min(v for _, v in loss) if loss else None,
-           "train_minutes": train_minutes(run.records)}
+    row = {
+        "run": run.name,
+        "model": model_label(run.config) if run.config else "",
+        "params_M": run.stats["params"] / 1e6 if "params" in run.stats else None,
+        "gflops": g,
+        "tokens": run.stats.get("tokens"),
+        "patch": run.stats.get("patch_size"),
+        "batch_size": batch,
+        "steps": steps,
+        "train_compute_gflop": g * batch * steps * 3 if None not in (g, batch, steps) else None,
+        "final_loss": loss[-1][1] if loss else None,
+        "min_loss": min(v for _, v in loss) if loss else None,
+        "train_minutes": train_minutes(run.records),
+    }
     if metric:
         m = series(run.records, metric)
         best = min(m, key=lambda sv: sv[1]) if m else None
-        row.update({f"{metric}_final": m[-1][1] if m else None, f"{metric}_final_step": m[-1][0] if m else None,
-                    f"{metric}_best": best[1] if best else None, f"{metric}_best_step": best[0] if best else None})
+        row.update(
+            {
+                f"{metric}_final": m[-1][1] if m else None,
+                f"{metric}_final_step": m[-1][0] if m else None,
+                f"{metric}_best": best[1] if best else None,
+                f"{metric}_best_step": best[0] if best else None,
+            }
+        )
     return row
 
 
@@ -230,6 +264,7 @@ def write_csv(rows: list[dict], path: str) -> None:
 def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
     """Spearman rank correlation (average ranks for ties); None with fewer than 3 pairs."""
     import numpy as np
+
     pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None]
     if len(pairs) < 3:
         return None
@@ -250,27 +285,44 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
 
 
 def markdown(rows: list[dict], metric: Optional[str], title: str) -> str:
-    cols = [("run", "run"), ("model", "model"), ("params_M", "params (M)"), ("gflops", "Gflops"),
-            ("tokens", "tokens"), ("patch", "patch"), ("batch_size", "batch"), ("steps", "steps"),
-            ("train_compute_gflop", "train compute (Gflop)"), ("train_minutes", "train min"),
-            ("final_loss", "final loss"), ("min_loss", "min loss")]
+    cols = [
+        ("run", "run"),
+        ("model", "model"),
+        ("params_M", "params (M)"),
+        ("gflops", "Gflops"),
+        ("tokens", "tokens"),
+        ("patch", "patch"),
+        ("batch_size", "batch"),
+        ("steps", "steps"),
+        ("train_compute_gflop", "train compute (Gflop)"),
+        ("train_minutes", "train min"),
+        ("final_loss", "final loss"),
+        ("min_loss", "min loss"),
+    ]
     if metric:
-        cols += [(f"{metric}_final", f"{metric} (final)"), (f"{metric}_best", f"{metric} (best)"),
-                 (f"{metric}_best_step", "best at step")]
+        cols += [
+            (f"{metric}_final", f"{metric} (final)"),
+            (f"{metric}_best", f"{metric} (best)"),
+            (f"{metric}_best_step", "best at step"),
+        ]
     lines = [f"# {title}", ""]
     lines.append("| " + " | ".join(h for _, h in cols) + " |")
     lines.append("|" + "|".join("---" if k in ("run", "model") else "---:" for k, _ in cols) + "|")
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
     lines.append("")
-    lines.append("Gflops: forward pass of one image, multiply-adds (the paper's convention); "
-                 "train compute = Gflops x batch x steps x 3; train min: time in train steps (from the logged "
-                 "steps/s; start-up, compilation, sampling and evaluation not included).")
+    lines.append(
+        "Gflops: forward pass of one image, multiply-adds (the paper's convention); "
+        "train compute = Gflops x batch x steps x 3; train min: time in train steps (from the logged "
+        "steps/s; start-up, compilation, sampling and evaluation not included)."
+    )
     if metric:
         rho = spearman([r["gflops"] for r in rows], [r.get(f"{metric}_final") for r in rows])
         if rho is not None:
-            lines.append(f"Spearman rank correlation of Gflops and final {metric}: {rho:+.2f} "
-                         f"(-1: {metric} falls at every increase in Gflops).")
+            lines.append(
+                f"Spearman rank correlation of Gflops and final {metric}: {rho:+.2f} "
+                f"(-1: {metric} falls at every increase in Gflops)."
+            )
     lines.append("")
     return "\n".join(lines)
 
@@ -279,15 +331,25 @@ def markdown(rows: list[dict], metric: Optional[str], title: str) -> str:
 # Plots
 # ----------------------------------------------------------------------------------------
 
+
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
-def plot_series(runs: list[RunData], key: str, path: str, *, x: str = "steps", ylabel: Optional[str] = None,
-                log_y: bool = False) -> Optional[str]:
+def plot_series(
+    runs: list[RunData],
+    key: str,
+    path: str,
+    *,
+    x: str = "steps",
+    ylabel: Optional[str] = None,
+    log_y: bool = False,
+) -> Optional[str]:
     """`key` per run against training steps (x='steps') or training compute (x='compute')."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -303,13 +365,19 @@ def plot_series(runs: list[RunData], key: str, path: str, *, x: str = "steps", y
             xs = [g * b * step * 3 for step, _ in s]
         else:
             xs = [step for step, _ in s]
-        label = r.name + (f" ({r.stats['gflops']:.3g} Gflops)" if r.stats.get("gflops") is not None else "")
+        label = r.name + (
+            f" ({r.stats['gflops']:.3g} Gflops)" if r.stats.get("gflops") is not None else ""
+        )
         ax.plot(xs, [v for _, v in s], marker="o" if len(s) < 30 else None, ms=3, label=label)
         drawn += 1
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("training steps" if x == "steps" else "training compute (Gflop = Gflops x batch x steps x 3)")
+    ax.set_xlabel(
+        "training steps"
+        if x == "steps"
+        else "training compute (Gflop = Gflops x batch x steps x 3)"
+    )
     ax.set_ylabel(ylabel or key)
     if x == "compute":
         ax.set_xscale("log")
@@ -324,22 +392,34 @@ def plot_series(runs: list[RunData], key: str, path: str, *, x: str = "steps", y
 
 
 def plot_vs_gflops(rows: list[dict], metric: str, path: str) -> Optional[str]:
-    pts = [(r["gflops"], r[f"{metric}_final"], r["run"], r.get("patch")) for r in rows
-           if r.get("gflops") is not None and r.get(f"{metric}_final") is not None]
+    pts = [
+        (r["gflops"], r[f"{metric}_final"], r["run"], r.get("patch"))
+        for r in rows
+        if r.get("gflops") is not None and r.get(f"{metric}_final") is not None
+    ]
     if not pts:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for patch in sorted({p[3] for p in pts}, key=lambda x: (x is None, x)):  # one line per patch size
+    for patch in sorted(
+        {p[3] for p in pts}, key=lambda x: (x is None, x)
+    ):  # one line per patch size
         group = sorted(p for p in pts if p[3] == patch)
-        ax.plot([p[0] for p in group], [p[1] for p in group], marker="o", ms=5,
-                label=f"patch {patch}" if patch is not None else "runs")
+        ax.plot(
+            [p[0] for p in group],
+            [p[1] for p in group],
+            marker="o",
+            ms=5,
+            label=f"patch {patch}" if patch is not None else "runs",
+        )
     for g, v, name, _ in pts:
         ax.annotate(name, (g, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("Gflops (forward, one image)")
-    steps = sorted({r.get(f"{metric}_final_step") for r in rows if r.get(f"{metric}_final_step") is not None})
+    steps = sorted(
+        {r.get(f"{metric}_final_step") for r in rows if r.get(f"{metric}_final_step") is not None}
+    )
     ax.set_ylabel(f"{metric}" + (f" at step {steps[0]}" if len(steps) == 1 else " (final)"))
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -353,6 +433,7 @@ def plot_samples(runs: list[RunData], path: str) -> Optional[str]:
     if not with_samples:
         return None
     from PIL import Image
+
     plt = _plt()
     n = len(with_samples)
     cols = min(n, 4)
@@ -380,8 +461,17 @@ def plot_samples(runs: list[RunData], path: str) -> Optional[str]:
 # CLI
 # ----------------------------------------------------------------------------------------
 
-def build_report(root: str, out: str, *, metric: str = "auto", names: Optional[Sequence[str]] = None,
-                 title: Optional[str] = None, flops: bool = True, log=print) -> dict:
+
+def build_report(
+    root: str,
+    out: str,
+    *,
+    metric: str = "auto",
+    names: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+    flops: bool = True,
+    log=print,
+) -> dict:
     runs = [load_run(root, n) for n in discover(root, names)]
     if flops:
         for r in runs:
@@ -396,13 +486,24 @@ def build_report(root: str, out: str, *, metric: str = "auto", names: Optional[S
     files = {"csv": os.path.join(out, "scaling.csv"), "md": os.path.join(out, "scaling.md")}
     write_csv(rows, files["csv"])
     with open(files["md"], "w") as f:
-        f.write(markdown(rows, metric, title or f"Scaling: {os.path.basename(os.path.abspath(root))}"))
-    plots = {"loss_vs_steps": plot_series(runs, "loss", os.path.join(out, "loss_vs_steps.png"), log_y=True)}
+        f.write(
+            markdown(rows, metric, title or f"Scaling: {os.path.basename(os.path.abspath(root))}")
+        )
+    plots = {
+        "loss_vs_steps": plot_series(
+            runs, "loss", os.path.join(out, "loss_vs_steps.png"), log_y=True
+        )
+    }
     if metric:
-        plots["metric_vs_steps"] = plot_series(runs, metric, os.path.join(out, f"{metric}_vs_steps.png"))
-        plots["metric_vs_gflops"] = plot_vs_gflops(rows, metric, os.path.join(out, f"{metric}_vs_gflops.png"))
-        plots["metric_vs_compute"] = plot_series(runs, metric, os.path.join(out, f"{metric}_vs_compute.png"),
-                                                 x="compute")
+        plots["metric_vs_steps"] = plot_series(
+            runs, metric, os.path.join(out, f"{metric}_vs_steps.png")
+        )
+        plots["metric_vs_gflops"] = plot_vs_gflops(
+            rows, metric, os.path.join(out, f"{metric}_vs_gflops.png")
+        )
+        plots["metric_vs_compute"] = plot_series(
+            runs, metric, os.path.join(out, f"{metric}_vs_compute.png"), x="compute"
+        )
     plots["samples"] = plot_samples(runs, os.path.join(out, "samples.png"))
     files.update({k: v for k, v in plots.items() if v})
     return {"rows": rows, "metric": metric, "files": files}
@@ -412,11 +513,19 @@ def build_parser() -> common.Parser:
     p = common.Parser(prog="python -m launch.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--root", help="the sweep directory, local or gs:// (required)")
     p.add_argument("--runs", help="comma-separated run names (default: every run under --root)")
-    p.add_argument("--metric", default="auto", help="metric key in the runs' jsonl files, e.g. fid or fd_digits "
-                                                    "(default auto: fid, else fd_digits, else none)")
-    p.add_argument("--out", help="local output directory (default ROOT/report; report/<name> for a gs:// root)")
+    p.add_argument(
+        "--metric",
+        default="auto",
+        help="metric key in the runs' jsonl files, e.g. fid or fd_digits "
+        "(default auto: fid, else fd_digits, else none)",
+    )
+    p.add_argument(
+        "--out", help="local output directory (default ROOT/report; report/<name> for a gs:// root)"
+    )
     p.add_argument("--title", help="title of the Markdown table")
-    p.add_argument("--no_flops", action="store_true", help="skip Gflops and parameter counts (no JAX)")
+    p.add_argument(
+        "--no_flops", action="store_true", help="skip Gflops and parameter counts (no JAX)"
+    )
     return p
 
 
@@ -426,13 +535,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise LaunchError("--root is required (the sweep directory).")
     names = [n.strip() for n in args.runs.split(",") if n.strip()] if args.runs else None
     if args.out and common.is_gcs(args.out):
-        raise LaunchError("--out must be a local directory (copy it to a bucket afterwards if needed).")
-    out = args.out or (os.path.join("report", args.root.rstrip("/").rsplit("/", 1)[-1]) if common.is_gcs(args.root)
-                       else os.path.join(args.root, "report"))
-    result = build_report(args.root, out, metric=args.metric, names=names,
-                          title=args.title, flops=not args.no_flops)
+        raise LaunchError(
+            "--out must be a local directory (copy it to a bucket afterwards if needed)."
+        )
+    out = args.out or (
+        os.path.join("report", args.root.rstrip("/").rsplit("/", 1)[-1])
+        if common.is_gcs(args.root)
+        else os.path.join(args.root, "report")
+    )
+    result = build_report(
+        args.root, out, metric=args.metric, names=names, title=args.title, flops=not args.no_flops
+    )
     if result["metric"] is None:
-        print("no metric found (looked for " + ", ".join(AUTO_METRICS) + "); the table has losses only")
+        print(
+            "no metric found (looked for "
+            + ", ".join(AUTO_METRICS)
+            + "); the table has losses only"
+        )
     print_report(result)
     return 0
 

@@ -32,14 +32,21 @@ PATCHES = (2, 4, 8)
 MODELS = tuple(f"{s}/{p}" for s in SIZES for p in PATCHES)
 DONE_FILE = "DONE"
 #: short names of grid keys in run names (model.hidden_size=128, model.patch_size=2 -> w128-p2)
-ALIASES = {"model.hidden_size": "w", "model.depth": "d", "model.patch_size": "p", "model.num_heads": "h",
-           "batch_size": "bs", "num_train_steps": "steps", "optimizer.learning_rate": "lr"}
+ALIASES = {
+    "model.hidden_size": "w",
+    "model.depth": "d",
+    "model.patch_size": "p",
+    "model.num_heads": "h",
+    "batch_size": "bs",
+    "num_train_steps": "steps",
+    "optimizer.learning_rate": "lr",
+}
 
 
 @dataclass
 class Run:
-    name: str                 # directory name under the root, e.g. S-2 or w128-p2
-    overrides: list[str]      # --config.k=v for this run (before the sweep-wide --set ones)
+    name: str  # directory name under the root, e.g. S-2 or w128-p2
+    overrides: list[str]  # --config.k=v for this run (before the sweep-wide --set ones)
     workdir: str = ""
     status: str = ""
     info: dict = field(default_factory=dict)
@@ -65,13 +72,20 @@ def grid_runs(grid: Sequence[str]) -> list[Run]:
         key = key.strip().removeprefix("config.")
         vals = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not vals:
-            raise LaunchError(f"--grid {g!r}: expected KEY=V1,V2,... e.g. model.hidden_size=64,128,192.")
+            raise LaunchError(
+                f"--grid {g!r}: expected KEY=V1,V2,... e.g. model.hidden_size=64,128,192."
+            )
         common.config_overrides([f"{key}={vals[0]}"])  # validates the key
         axes.append((key, vals))
     runs = []
     for combo in itertools.product(*(vals for _, vals in axes)):
         parts = [f"{ALIASES.get(k, k.rsplit('.', 1)[-1])}{v}" for (k, _), v in zip(axes, combo)]
-        runs.append(Run("-".join(parts).replace("/", "_"), [f"--config.{k}={v}" for (k, _), v in zip(axes, combo)]))
+        runs.append(
+            Run(
+                "-".join(parts).replace("/", "_"),
+                [f"--config.{k}={v}" for (k, _), v in zip(axes, combo)],
+            )
+        )
     return runs
 
 
@@ -83,11 +97,14 @@ def join(root: str, name: str) -> str:
 # Run state (local directories, or gs:// through etils.epath when it can reach the bucket)
 # ----------------------------------------------------------------------------------------
 
+
 def _path(p: str):
     if common.is_gcs(p):
         from etils import epath
+
         return epath.Path(p)
     import pathlib
+
     return pathlib.Path(p)
 
 
@@ -137,16 +154,21 @@ def run_state(workdir: str, overrides: Sequence[str]) -> tuple[str, dict]:
         return "new", {"target": target}
     except LaunchError:
         raise
-    except Exception as e:  # e.g. no credentials for a bucket: let training decide (it resumes by itself)
+    except (
+        Exception
+    ) as e:  # e.g. no credentials for a bucket: let training decide (it resumes by itself)
         return "unknown", {"why": f"{type(e).__name__}: {e}"}
 
 
 def mark_done(workdir: str, step: int) -> None:
-    _path(join(workdir, DONE_FILE)).write_text(json.dumps({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-                                               + "\n")
+    _path(join(workdir, DONE_FILE)).write_text(
+        json.dumps({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n"
+    )
 
 
-def plan(root: str, runs: list[Run], overrides: Sequence[str], check_gcs: bool = False) -> list[Run]:
+def plan(
+    root: str, runs: list[Run], overrides: Sequence[str], check_gcs: bool = False
+) -> list[Run]:
     for r in runs:
         r.workdir = join(root, r.name)
         if common.is_gcs(root) and not check_gcs:
@@ -171,38 +193,71 @@ def describe(r: Run) -> str:
 # CLI
 # ----------------------------------------------------------------------------------------
 
+
 def build_parser() -> common.Parser:
     p = common.Parser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", help="sweep directory: each run in ROOT/<name> (gs:// or local; required)")
-    p.add_argument("--config", default="configs/default.py", help="base config (default configs/default.py, "
-                                                                  "the paper recipe)")
+    p.add_argument(
+        "--root", help="sweep directory: each run in ROOT/<name> (gs:// or local; required)"
+    )
+    p.add_argument(
+        "--config",
+        default="configs/default.py",
+        help="base config (default configs/default.py, the paper recipe)",
+    )
     p.add_argument("--models", help=f"comma-separated models (default all 12: {','.join(MODELS)})")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="sweep a config key over values instead of --models (repeatable: the product)")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="sweep a config key over values instead of --models (repeatable: the product)",
+    )
     p.add_argument("--only", help="comma-separated run names to include (e.g. S-2,B-2)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override for every run, e.g. num_train_steps=400000 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every run, e.g. num_train_steps=400000 (repeatable)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--local", action="store_true", help="run here, one after the other")
-    mode.add_argument("--launcher", choices=("tpu", "slurm"), help="run through launch.tpu (one after the other "
-                                                                   "on one TPU VM) or submit SLURM jobs")
-    p.add_argument("--dry_run", action="store_true", help="print each run's state and command, run nothing")
-    p.add_argument("--keep_going", action="store_true", help="go on with the next run when one fails")
-    p.add_argument("--check_gcs", action="store_true", help="read run states from a gs:// root to skip finished "
-                                                            "runs (needs bucket access from here)")
+    mode.add_argument(
+        "--launcher",
+        choices=("tpu", "slurm"),
+        help="run through launch.tpu (one after the other on one TPU VM) or submit SLURM jobs",
+    )
+    p.add_argument(
+        "--dry_run", action="store_true", help="print each run's state and command, run nothing"
+    )
+    p.add_argument(
+        "--keep_going", action="store_true", help="go on with the next run when one fails"
+    )
+    p.add_argument(
+        "--check_gcs",
+        action="store_true",
+        help="read run states from a gs:// root to skip finished "
+        "runs (needs bucket access from here)",
+    )
     g = p.add_argument_group("--launcher=tpu")
     tpu.add_target_args(g)
     tpu.add_run_args(g)
     g = p.add_argument_group("--launcher=slurm")
     gpu.add_slurm_args(g, python_default=None)  # --python: also for --local (default: this python)
-    p.add_argument("--script_dir", default="slurm", help="where sbatch scripts are written (default slurm/)")
+    p.add_argument(
+        "--script_dir", default="slurm", help="where sbatch scripts are written (default slurm/)"
+    )
     return p
 
 
 def selected_runs(args) -> list[Run]:
     if args.grid and args.models:
         raise LaunchError("give --models or --grid, not both (a grid can include model.name).")
-    runs = grid_runs(args.grid) if args.grid else model_runs((args.models or ",".join(MODELS)).split(","))
+    runs = (
+        grid_runs(args.grid)
+        if args.grid
+        else model_runs((args.models or ",".join(MODELS)).split(","))
+    )
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise LaunchError(f"run names collide: {names}")
@@ -210,12 +265,16 @@ def selected_runs(args) -> list[Run]:
         only = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = sorted(set(only) - set(names))
         if unknown:
-            raise LaunchError(f"--only: no run named {', '.join(unknown)}; runs: {', '.join(names)}.")
+            raise LaunchError(
+                f"--only: no run named {', '.join(unknown)}; runs: {', '.join(names)}."
+            )
         runs = [r for r in runs if r.name in only]
     return runs
 
 
-def run_local(r: Run, config: str, overrides: list[str], extra: list[str], python: str, dry_run: bool) -> bool:
+def run_local(
+    r: Run, config: str, overrides: list[str], extra: list[str], python: str, dry_run: bool
+) -> bool:
     cmd = common.train_command(python, config, r.workdir, [*r.overrides, *overrides], extra)
     if dry_run:
         common.print_dry(cmd)
@@ -237,9 +296,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not (args.local or args.launcher):
         raise LaunchError("choose where runs go: --local, --launcher=tpu or --launcher=slurm.")
     if not args.root:
-        raise LaunchError("--root is required (the sweep directory: gs://bucket/path or a local path).")
-    multi_host = args.launcher == "tpu" and bool(args.accelerator) and tpu.is_multi_host(args.accelerator)
-    root = common.validate_workdir(args.root, multi_host=multi_host, absolute=args.launcher != "tpu", what="root")
+        raise LaunchError(
+            "--root is required (the sweep directory: gs://bucket/path or a local path)."
+        )
+    multi_host = (
+        args.launcher == "tpu" and bool(args.accelerator) and tpu.is_multi_host(args.accelerator)
+    )
+    root = common.validate_workdir(
+        args.root, multi_host=multi_host, absolute=args.launcher != "tpu", what="root"
+    )
     config = common.check_config_file(args.config, relative_to_repo=args.launcher == "tpu")
     overrides = common.config_overrides(args.set)
     name = tpu.check_name(args.name) if args.launcher == "tpu" else None
@@ -250,8 +315,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  {r.name:<12} {describe(r)}")
     if args.launcher == "tpu":
         if not common.is_gcs(root) and not args.accelerator:
-            common.warn(f"--root {root!r} is local to the TPU VM; on a multi-host slice use gs:// (pass "
-                        f"--accelerator to have this checked).")
+            common.warn(
+                f"--root {root!r} is local to the TPU VM; on a multi-host slice use gs:// (pass "
+                f"--accelerator to have this checked)."
+            )
     if args.launcher == "tpu" and args.accelerator and not args.no_preflight:
         for r in todo:  # every run's plan before any run starts
             tpu.preflight(config, args.accelerator, [*r.overrides, *overrides, *extra], what=r.name)
@@ -262,27 +329,52 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.local:
             ok = run_local(r, config, overrides, extra, args.python or sys.executable, args.dry_run)
         elif args.launcher == "tpu":
-            cmds = tpu.run_commands(name, config, r.workdir, [*r.overrides, *overrides], extra, zone=args.zone,
-                                    project=args.project, coordinator=not args.no_coordinator,
-                                    env=common.parse_env(args.env), log_name=r.name)
+            cmds = tpu.run_commands(
+                name,
+                config,
+                r.workdir,
+                [*r.overrides, *overrides],
+                extra,
+                zone=args.zone,
+                project=args.project,
+                coordinator=not args.no_coordinator,
+                env=common.parse_env(args.env),
+                log_name=r.name,
+            )
             ok = True
             for cmd in cmds:
                 if args.dry_run:
                     common.print_dry(cmd)
                 else:
                     print(f"\n=== {r.name}: {describe(r)} -> {r.workdir}", flush=True)
-                    ok = common.stream(cmd, os.path.join("logs", f"tpu-{name}-{r.name}.log")) == 0 and ok
+                    ok = (
+                        common.stream(cmd, os.path.join("logs", f"tpu-{name}-{r.name}.log")) == 0
+                        and ok
+                    )
         else:
             kwargs = gpu.slurm_kwargs(args)
-            script = gpu.slurm_script(config, r.workdir, [*r.overrides, *overrides], extra,
-                                      job_name=f"dit-{r.name}", **kwargs)
-            gpu.submit(script, os.path.join(args.script_dir, f"dit-{r.name}.sbatch"), kwargs["log_dir"], args.dry_run)
+            script = gpu.slurm_script(
+                config,
+                r.workdir,
+                [*r.overrides, *overrides],
+                extra,
+                job_name=f"dit-{r.name}",
+                **kwargs,
+            )
+            gpu.submit(
+                script,
+                os.path.join(args.script_dir, f"dit-{r.name}.sbatch"),
+                kwargs["log_dir"],
+                args.dry_run,
+            )
             ok = True
         if not ok:
             failed.append(r.name)
             if not args.keep_going:
-                raise LaunchError(f"run {r.name} failed; fix it and rerun the sweep (finished runs are skipped), "
-                                  f"or pass --keep_going.")
+                raise LaunchError(
+                    f"run {r.name} failed; fix it and rerun the sweep (finished runs are skipped), "
+                    f"or pass --keep_going."
+                )
     if failed:
         raise LaunchError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     return 0

@@ -15,8 +15,14 @@ def test_only_late_callbacks_to_a_closed_loop_are_silenced(monkeypatch):
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
 
     def report(exc):
-        return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=exc.__traceback__,
-                                     err_msg=None, object=None)
+        return types.SimpleNamespace(
+            exc_type=type(exc),
+            exc_value=exc,
+            exc_traceback=exc.__traceback__,
+            err_msg=None,
+            object=None,
+        )
+
     loop = asyncio.new_event_loop()
     loop.close()
     try:

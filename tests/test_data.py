@@ -23,7 +23,9 @@ def quiet(*_):
 
 @pytest.fixture(scope="module")
 def embedded_dir(tmp_path_factory):
-    return embedded.ensure_embedded_dataset(str(tmp_path_factory.mktemp("data") / "mnist"), log=quiet)
+    return embedded.ensure_embedded_dataset(
+        str(tmp_path_factory.mktemp("data") / "mnist"), log=quiet
+    )
 
 
 def make_folder(root, sizes=((40, 30), (17, 25), (64, 64)), classes=("cat", "dog"), corrupt=True):
@@ -41,6 +43,7 @@ def make_folder(root, sizes=((40, 30), (17, 25), (64, 64)), classes=("cat", "dog
 
 def read_all(data_dir, split="train"):
     import tensorflow_datasets as tfds
+
     src = tfds.builder_from_directory(str(data_dir)).as_data_source()[split]
     return {src[i]["id"].decode(): src[i] for i in range(len(src))}
 
@@ -59,16 +62,25 @@ def test_folder_encode_skips_corrupt_and_stores_flip(tmp_path):
     root = make_folder(tmp_path / "imgs")
     ae = autoencoder_lib.IdentityAutoencoder(pad_to=16, channels=3)
     out = tmp_path / "lat"
-    summary = latents.encode_dataset(sources.open_source(f"folder:{root}"), ae, str(out), image_size=16, log=quiet)
+    summary = latents.encode_dataset(
+        sources.open_source(f"folder:{root}"), ae, str(out), image_size=16, log=quiet
+    )
     assert summary["splits"]["train"] == {"num_examples": 6, "num_skipped": 1}
     assert summary["class_names"] == ["cat", "dog"] and summary["latent_shape"] == [16, 16, 3]
     skipped = (out / latents.SKIPPED_FILE).read_text()
     assert "cat/broken.jpg" in skipped and "UnidentifiedImageError" in skipped
     got = read_all(out)
-    assert sorted(got) == sorted(f"{c}/img{i}.{'png' if i % 2 else 'jpg'}" for c in ("cat", "dog") for i in range(3))
+    assert sorted(got) == sorted(
+        f"{c}/img{i}.{'png' if i % 2 else 'jpg'}" for c in ("cat", "dog") for i in range(3)
+    )
     ex = got["dog/img1.png"]
-    assert ex["label"] == 1 and ex["mean"].dtype == np.float16 and ex["mean"].shape == (2, 16, 16, 3)
-    expected = sources.center_crop_arr(Image.open(root / "dog" / "img1.png").convert("RGB"), 16) / 127.5 - 1
+    assert (
+        ex["label"] == 1 and ex["mean"].dtype == np.float16 and ex["mean"].shape == (2, 16, 16, 3)
+    )
+    expected = (
+        sources.center_crop_arr(Image.open(root / "dog" / "img1.png").convert("RGB"), 16) / 127.5
+        - 1
+    )
     np.testing.assert_allclose(ex["mean"][0], expected, atol=2e-3)
     np.testing.assert_array_equal(ex["mean"][1], ex["mean"][0][:, ::-1])
     assert np.all(ex["logvar"] == -30)
@@ -77,12 +89,18 @@ def test_folder_encode_skips_corrupt_and_stores_flip(tmp_path):
 def test_vae_encoding_stores_posterior_of_image_and_flip(tmp_path):
     """Through the real (tiny) diffusers VAE folder: stored moments are the VAE's, in float16."""
     root = make_folder(tmp_path / "imgs", sizes=((40, 30), (33, 33)), corrupt=False)
-    ae = autoencoder_lib.load_autoencoder(f"{reference_path('VAE_REFERENCE', 'vae_tiny')}_diffusers")
+    ae = autoencoder_lib.load_autoencoder(
+        f"{reference_path('VAE_REFERENCE', 'vae_tiny')}_diffusers"
+    )
     with pytest.raises(ValueError, match="multiple"):
         ae.latent_shape(30)
     out = tmp_path / "lat"
-    summary = latents.encode_dataset(sources.open_source(f"folder:{root}"), ae, str(out), image_size=32, log=quiet)
-    assert summary["latent_shape"] == [8, 8, 4] and summary["scaling_factor"] == pytest.approx(0.18215)
+    summary = latents.encode_dataset(
+        sources.open_source(f"folder:{root}"), ae, str(out), image_size=32, log=quiet
+    )
+    assert summary["latent_shape"] == [8, 8, 4] and summary["scaling_factor"] == pytest.approx(
+        0.18215
+    )
     ex = read_all(out)["dog/img1.png"]
     crop = sources.center_crop_arr(Image.open(root / "dog" / "img1.png").convert("RGB"), 32)
     post = vae.encode_images(ae.model, ae.params, np.stack([crop, crop[:, ::-1]]))
@@ -148,16 +166,30 @@ def test_multi_process_encoding_splits_shards(tmp_path):
     ae = autoencoder_lib.load_autoencoder("identity:32")
     out = str(tmp_path / "lat")
     logs = []
-    assert latents.encode_dataset(src, ae, out, image_size=28, process_index=0, process_count=2, log=logs.append) is None
+    assert (
+        latents.encode_dataset(
+            src, ae, out, image_size=28, process_index=0, process_count=2, log=logs.append
+        )
+        is None
+    )
     assert any("still to encode" in l for l in logs)
-    assert latents.encode_dataset(src, ae, out, image_size=28, process_index=1, process_count=2, log=quiet) is None
-    summary = latents.encode_dataset(src, ae, out, image_size=28, process_index=0, process_count=2, log=quiet)
+    assert (
+        latents.encode_dataset(
+            src, ae, out, image_size=28, process_index=1, process_count=2, log=quiet
+        )
+        is None
+    )
+    summary = latents.encode_dataset(
+        src, ae, out, image_size=28, process_index=0, process_count=2, log=quiet
+    )
     assert summary["splits"]["train"]["num_examples"] == 5000
     assert len(read_all(out)) == 5000
 
 
 def test_tfds_builder_matches_cli(tmp_path, embedded_dir):
-    b = builder.LatentDataset(source="embedded", autoencoder="identity:32", image_size=28, data_dir=str(tmp_path))
+    b = builder.LatentDataset(
+        source="embedded", autoencoder="identity:32", image_size=28, data_dir=str(tmp_path)
+    )
     b.download_and_prepare(file_format="array_record")
     src = b.as_data_source()["train"]
     cli_examples = read_all(embedded_dir)
@@ -195,9 +227,20 @@ def test_imagenet_train_tar_layout(tmp_path):
 
 
 def test_encode_cli_errors_are_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "dit_jax.data.encode", f"--source=folder:{tmp_path / 'none'}",
-                          "--autoencoder=identity:16", "--image_size=16", f"--output={tmp_path / 'o'}"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dit_jax.data.encode",
+            f"--source=folder:{tmp_path / 'none'}",
+            "--autoencoder=identity:16",
+            "--image_size=16",
+            f"--output={tmp_path / 'o'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: image folder")
 
@@ -205,6 +248,7 @@ def test_encode_cli_errors_are_one_line(tmp_path):
 # ----------------------------------------------------------------------------------------
 # Input pipeline
 # ----------------------------------------------------------------------------------------
+
 
 def batches(p, n):
     return [next(p) for _ in range(n)]
@@ -246,8 +290,11 @@ class _ProcessSharding:
     def addressable_devices_indices_map(self, shape):
         total = self.processes * self.devices
         per = shape[0] // total
-        slots = ([d * self.processes + self.p for d in range(self.devices)] if self.interleaved
-                 else [self.p * self.devices + d for d in range(self.devices)])
+        slots = (
+            [d * self.processes + self.p for d in range(self.devices)]
+            if self.interleaved
+            else [self.p * self.devices + d for d in range(self.devices)]
+        )
         return {f"dev{s}": (slice(s * per, (s + 1) * per),) for s in slots}
 
 
@@ -262,7 +309,9 @@ def test_global_batches_do_not_depend_on_the_process_count(embedded_dir, interle
     for processes in (2, 4):
         shares = []
         for p in range(processes):
-            rows = pipeline.process_rows(_ProcessSharding(p, processes, 8 // processes, interleaved), B)
+            rows = pipeline.process_rows(
+                _ProcessSharding(p, processes, 8 // processes, interleaved), B
+            )
             assert len(rows) == B // processes
             ds, _ = pipeline.make_dataset(embedded_dir, global_batch_size=B, seed=7, rows=rows)
             shares.append((rows, {k: ds[k] for k in ks}))
@@ -279,6 +328,7 @@ def test_global_batches_do_not_depend_on_the_process_count(embedded_dir, interle
 
 def test_pipeline_flip_posterior_and_scale(tmp_path):
     """A dataset whose flip view is +1 everywhere and image view -1, logvar log(0.25), scale 0.5."""
+
     class FakeAE(autoencoder_lib.IdentityAutoencoder):
         def encode_moments(self, images):
             n = len(images) // 2
@@ -291,8 +341,12 @@ def test_pipeline_flip_posterior_and_scale(tmp_path):
 
     ae = FakeAE(pad_to=16, channels=1, scaling_factor=0.5)
     out = str(tmp_path / "fake")
-    latents.encode_dataset(sources.EmbeddedMnistSource(unit_size=2500), ae, out, image_size=28, log=quiet)
-    batch = next(pipeline.InputPipeline(out, global_batch_size=2000, seed=0, sample_posterior=False))
+    latents.encode_dataset(
+        sources.EmbeddedMnistSource(unit_size=2500), ae, out, image_size=28, log=quiet
+    )
+    batch = next(
+        pipeline.InputPipeline(out, global_batch_size=2000, seed=0, sample_posterior=False)
+    )
     views = batch["latents"][:, 0, 0, 0]
     assert set(np.unique(views)) == {-0.5, 0.5} and abs(np.mean(views > 0) - 0.5) < 0.05
     no_flip = next(pipeline.InputPipeline(out, global_batch_size=2000, seed=0, random_flip=False))
@@ -303,8 +357,11 @@ def test_pipeline_flip_posterior_and_scale(tmp_path):
 def test_pipeline_gives_global_sharded_arrays(embedded_dir):
     import jax
     from dit_jax import sharding
+
     mesh = sharding.make_mesh(data=4, fsdp=2)
-    p = pipeline.InputPipeline(embedded_dir, global_batch_size=32, seed=0, sharding=sharding.batch_sharding(mesh))
+    p = pipeline.InputPipeline(
+        embedded_dir, global_batch_size=32, seed=0, sharding=sharding.batch_sharding(mesh)
+    )
     batch = next(p)
     assert isinstance(batch["latents"], jax.Array) and batch["latents"].shape == (32, 32, 32, 1)
     assert len(batch["latents"].addressable_shards) == 8
@@ -325,12 +382,25 @@ def test_embedded_dataset_builds_once(embedded_dir):
 
 def test_tfds_image_dataset_source(tmp_path):
     import tensorflow_datasets as tfds
-    feats = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(20, 24, 3)),
-                                        "label": tfds.features.ClassLabel(names=["x", "y", "z"])})
-    examples = [(str(i), {"image": np.full((20, 24, 3), 20 * i, np.uint8), "label": i % 3}) for i in range(7)]
-    tfds.dataset_builders.store_as_tfds_dataset(name="tiny_images", version="1.0.0", features=feats,
-                                                split_datasets={"train": examples}, data_dir=str(tmp_path),
-                                                file_format="array_record")
+
+    feats = tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(20, 24, 3)),
+            "label": tfds.features.ClassLabel(names=["x", "y", "z"]),
+        }
+    )
+    examples = [
+        (str(i), {"image": np.full((20, 24, 3), 20 * i, np.uint8), "label": i % 3})
+        for i in range(7)
+    ]
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="tiny_images",
+        version="1.0.0",
+        features=feats,
+        split_datasets={"train": examples},
+        data_dir=str(tmp_path),
+        file_format="array_record",
+    )
     src = sources.open_source(f"tfds:tiny_images@{tmp_path}")
     assert src.class_names == ["x", "y", "z"] and src.num_examples() == 7
     ae = autoencoder_lib.IdentityAutoencoder(pad_to=16, channels=3)

@@ -19,7 +19,15 @@ import pytest
 from conftest import load_reference, nhwc, reference_path
 import safetensors.numpy
 
-from dit_jax import diffusers_format, diffusion, models, param_mapping, solvers, state_dicts, weights
+from dit_jax import (
+    diffusers_format,
+    diffusion,
+    models,
+    param_mapping,
+    solvers,
+    state_dicts,
+    weights,
+)
 
 TOL = 1e-4
 
@@ -29,7 +37,7 @@ def ref():
     base, data, meta = load_reference("DIFFUSERS_REFERENCE", "diffusers_tiny")
     folder = base.parent / meta["diffusers_folder"]["path_as_generated"]
     model = models.DiT(**meta["model"])
-    sd = {k[len("state_dict/"):]: v for k, v in data.items() if k.startswith("state_dict/")}
+    sd = {k[len("state_dict/") :]: v for k, v in data.items() if k.startswith("state_dict/")}
     params = {"params": param_mapping.dit_params_from_state_dict(sd, model)}
     return data, meta, model, params, folder
 
@@ -38,15 +46,21 @@ def assert_close(ours, theirs, name):
     theirs = np.asarray(theirs)
     scale = max(np.abs(theirs).max(), 1e-12)
     err = np.abs(np.asarray(ours, np.float64) - theirs).max() / scale
-    assert err <= TOL, f"{name}: max-abs error {err:.3g} of the reference's max-abs (tolerance {TOL})"
+    assert err <= TOL, (
+        f"{name}: max-abs error {err:.3g} of the reference's max-abs (tolerance {TOL})"
+    )
 
 
 def guided(model, params, data, name):
     """The guided model over the first half of the fixture's doubled batch, and that half's z."""
     z, y = nhwc(data[f"{name}/z"]), jnp.asarray(data[f"{name}/y"], jnp.int32)
     half = z.shape[0] // 2
-    fn = diffusion.cfg_model_fn(lambda a, b, c: model.apply(params, a, b, c), y[:half],
-                                model.num_classes, float(data[f"{name}/cfg_scale"]))
+    fn = diffusion.cfg_model_fn(
+        lambda a, b, c: model.apply(params, a, b, c),
+        y[:half],
+        model.num_classes,
+        float(data[f"{name}/cfg_scale"]),
+    )
     return fn, z[:half], half
 
 
@@ -54,14 +68,18 @@ def guided(model, params, data, name):
 # Schedulers
 # ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["dpm", "dpm3"])
 def test_dpm_schedule(ref, name):
     data, meta, _, _, _ = ref
     info = meta["schedulers"][name]
     steps, cfg = len(info["timesteps"]), info["config"]
-    sch = solvers.dpm_solver_schedule(steps, order=cfg["solver_order"],
-                                      spacing=cfg["timestep_spacing"],
-                                      lower_order_final=cfg["lower_order_final"])
+    sch = solvers.dpm_solver_schedule(
+        steps,
+        order=cfg["solver_order"],
+        spacing=cfg["timestep_spacing"],
+        lower_order_final=cfg["lower_order_final"],
+    )
     np.testing.assert_array_equal(sch.timesteps, data[f"{name}/timesteps"])
     np.testing.assert_allclose(sch.sigmas, data[f"{name}/sigmas"], rtol=1e-6)
     assert sch.orders.tolist() == info["step_orders"]
@@ -72,12 +90,14 @@ def test_spacings(ref):
     ddim = meta["schedulers"]["ddim_diffusers"]
     steps = len(ddim["timesteps"])
     np.testing.assert_array_equal(
-        solvers.ddim_timesteps(steps, ddim["config"]["timestep_spacing"]), ddim["timesteps"])
+        solvers.ddim_timesteps(steps, ddim["config"]["timestep_spacing"]), ddim["timesteps"]
+    )
     for case in meta["scheduler_notes"]["from_config_trap"].values():
         ours = solvers.dpm_timesteps(len(case["timesteps"]), case["timestep_spacing"])
         np.testing.assert_array_equal(ours, case["timesteps"])
-    np.testing.assert_array_equal(solvers.dpm_timesteps(8, "trailing"),
-                                  [999, 874, 749, 624, 499, 374, 249, 124])
+    np.testing.assert_array_equal(
+        solvers.dpm_timesteps(8, "trailing"), [999, 874, 749, 624, 499, 374, 249, 124]
+    )
     np.testing.assert_array_equal(solvers.ddim_timesteps(4, "linspace"), [999, 666, 333, 0])
 
 
@@ -87,13 +107,22 @@ def test_dpm_solver_trajectory(ref, name):
     cfg = meta["schedulers"][name]["config"]
     fn, z, half = guided(model, params, data, name)
     steps = len(data[f"{name}/timesteps"])
-    x, traj = jax.jit(lambda z: solvers.dpm_solver_sample_loop(
-        fn, z, steps, order=cfg["solver_order"], spacing=cfg["timestep_spacing"],
-        return_trajectory=True))(z)
+    x, traj = jax.jit(
+        lambda z: solvers.dpm_solver_sample_loop(
+            fn,
+            z,
+            steps,
+            order=cfg["solver_order"],
+            spacing=cfg["timestep_spacing"],
+            return_trajectory=True,
+        )
+    )(z)
     ref_traj = data[f"{name}/trajectory"][:, :half]
     for i in range(steps):
         assert_close(np.moveaxis(np.asarray(traj[i]), -1, -3), ref_traj[i], f"{name} step {i}")
-    assert_close(np.moveaxis(np.asarray(x), -1, -3), data[f"{name}/sample"][:half], f"{name} sample")
+    assert_close(
+        np.moveaxis(np.asarray(x), -1, -3), data[f"{name}/sample"][:half], f"{name} sample"
+    )
 
 
 def test_diffusers_ddim_trajectory(ref):
@@ -101,14 +130,23 @@ def test_diffusers_ddim_trajectory(ref):
     cfg = meta["schedulers"]["ddim_diffusers"]["config"]
     fn, z, half = guided(model, params, data, "ddim_diffusers")
     steps = len(data["ddim_diffusers/timesteps"])
-    x, traj = jax.jit(lambda z: solvers.ddim_sample_loop(
-        fn, z, steps, spacing=cfg["timestep_spacing"], set_alpha_to_one=cfg["set_alpha_to_one"],
-        steps_offset=cfg["steps_offset"], return_trajectory=True))(z)
+    x, traj = jax.jit(
+        lambda z: solvers.ddim_sample_loop(
+            fn,
+            z,
+            steps,
+            spacing=cfg["timestep_spacing"],
+            set_alpha_to_one=cfg["set_alpha_to_one"],
+            steps_offset=cfg["steps_offset"],
+            return_trajectory=True,
+        )
+    )(z)
     ref_traj = data["ddim_diffusers/trajectory"][:, :half]
     for i in range(steps):
         assert_close(np.moveaxis(np.asarray(traj[i]), -1, -3), ref_traj[i], f"ddim step {i}")
-    assert_close(np.moveaxis(np.asarray(x), -1, -3), data["ddim_diffusers/sample"][:half],
-                 "ddim sample")
+    assert_close(
+        np.moveaxis(np.asarray(x), -1, -3), data["ddim_diffusers/sample"][:half], "ddim sample"
+    )
 
 
 def test_solvers_take_the_schedule_not_a_respaced_one():
@@ -124,6 +162,7 @@ def test_solvers_take_the_schedule_not_a_respaced_one():
 # The forward
 # ----------------------------------------------------------------------------------------
 
+
 def forward(model, params, data):
     x, t, y = (data[f"diffusers_forward/{k}"] for k in "xty")
     out = model.apply(params, nhwc(x), jnp.asarray(t, jnp.int32), jnp.asarray(y, jnp.int32))
@@ -138,7 +177,9 @@ def test_official_forward(ref):
 def test_diffusers_forward_option(ref):
     data, _, model, params, _ = ref
     flavored = model.clone(**models.DIFFUSERS_FORWARD)
-    assert_close(forward(flavored, params, data), data["diffusers_forward/out"], "diffusers forward")
+    assert_close(
+        forward(flavored, params, data), data["diffusers_forward/out"], "diffusers forward"
+    )
     # each of the two differences matters on its own (the timestep formula by far the most)
     for field in models.DIFFUSERS_FORWARD:
         half = model.clone(**{field: models.DIFFUSERS_FORWARD[field]})
@@ -149,6 +190,7 @@ def test_diffusers_forward_option(ref):
 # ----------------------------------------------------------------------------------------
 # The folder format
 # ----------------------------------------------------------------------------------------
+
 
 def assert_same_params(ours, theirs):
     a, b = flax.traverse_util.flatten_dict(ours), flax.traverse_util.flatten_dict(theirs)
@@ -173,8 +215,9 @@ def test_writing_gives_the_diffusers_folder(ref, tmp_path):
     """Keys, shapes, dtypes and values equal what diffusers itself saved; the config too (with
     the diffusers forward's eps; the official model writes its own, 1e-6)."""
     _, meta, model, params, folder = ref
-    out = diffusers_format.write_diffusers_dit(str(tmp_path / "dit"), params["params"],
-                                               model.clone(**models.DIFFUSERS_FORWARD))
+    out = diffusers_format.write_diffusers_dit(
+        str(tmp_path / "dit"), params["params"], model.clone(**models.DIFFUSERS_FORWARD)
+    )
     theirs = safetensors.numpy.load_file(str(folder / diffusers_format.WEIGHTS_FILE))
     ours = safetensors.numpy.load_file(f"{out}/{diffusers_format.WEIGHTS_FILE}")
     assert sorted(ours) == sorted(theirs)
@@ -191,8 +234,14 @@ def test_round_trip_through_a_pipeline_folder(ref, tmp_path):
     """official state dict -> diffusers pipeline folder -> back: the same parameters."""
     data, meta, model, params, folder = ref
     vae = folder.parent / "vae_tiny_diffusers"
-    out = diffusers_format.write_diffusers_pipeline(str(tmp_path / "pipe"), params["params"], model,
-                                                    str(vae), scheduler="dpm", id2label={0: "zero"})
+    out = diffusers_format.write_diffusers_pipeline(
+        str(tmp_path / "pipe"),
+        params["params"],
+        model,
+        str(vae),
+        scheduler="dpm",
+        id2label={0: "zero"},
+    )
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["transformer"] == ["diffusers", "DiTTransformer2DModel"]
     assert index["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]
@@ -205,16 +254,20 @@ def test_round_trip_through_a_pipeline_folder(ref, tmp_path):
     assert loaded_model == model
     assert_same_params(loaded, params["params"])
     ddim = json.loads(json.dumps(diffusers_format.SCHEDULER_CONFIGS["ddim"]))
-    assert ddim == {k: v for k, v in meta["schedulers"]["ddim_diffusers"]["config"].items()
-                    if k != "_diffusers_version"}
+    assert ddim == {
+        k: v
+        for k, v in meta["schedulers"]["ddim_diffusers"]["config"].items()
+        if k != "_diffusers_version"
+    }
 
 
 def test_diffusers_folder_errors(ref, tmp_path):
     _, _, model, params, folder = ref
     dsd = safetensors.numpy.load_file(str(folder / diffusers_format.WEIGHTS_FILE))
     bad = dict(dsd)
-    bad["transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"] = bad[
-        "transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"] + 1
+    bad["transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"] = (
+        bad["transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"] + 1
+    )
     with pytest.raises(state_dicts.CheckpointError, match="per-block copies"):
         diffusers_format.state_dict_from_diffusers(bad, model.input_size)
     del bad["proj_out_2.bias"]
@@ -234,11 +287,18 @@ def test_convert_both_ways(ref, tmp_path):
     _, meta, _, _, folder = ref
     npz = reference_path("DIFFUSERS_REFERENCE", "diffusers_tiny").with_suffix(".npz")
     heads = meta["model"]["num_heads"]
-    config = weights.convert(str(npz), str(tmp_path / "a"), num_heads=heads, prefix="state_dict/",
-                             output_format="diffusers", diffusers_forward=True)
+    config = weights.convert(
+        str(npz),
+        str(tmp_path / "a"),
+        num_heads=heads,
+        prefix="state_dict/",
+        output_format="diffusers",
+        diffusers_forward=True,
+    )
     assert config["num_classes"] == meta["model"]["num_classes"]
-    config = weights.convert(str(tmp_path / "a"), str(tmp_path / "b"), output_format="diffusers",
-                             diffusers_forward=True)
+    config = weights.convert(
+        str(tmp_path / "a"), str(tmp_path / "b"), output_format="diffusers", diffusers_forward=True
+    )
     assert config["mlp_norm_eps"] == 1e-5 and config["timestep_freq_shift"] == 1
     theirs = safetensors.numpy.load_file(str(folder / diffusers_format.WEIGHTS_FILE))
     for out in ("a", "b"):

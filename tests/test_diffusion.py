@@ -28,8 +28,11 @@ def test_space_timesteps_bad(bad):
 def test_respacing_preserves_alphas_cumprod():
     base = diffusion.create_diffusion("")
     spaced = diffusion.create_diffusion("25,10,5")
-    np.testing.assert_allclose(spaced.consts["alphas_cumprod"], base.consts["alphas_cumprod"][spaced.timestep_map],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        spaced.consts["alphas_cumprod"],
+        base.consts["alphas_cumprod"][spaced.timestep_map],
+        rtol=1e-12,
+    )
     assert diffusion.create_diffusion("25,10,5") is spaced  # cached: a stable jit static argument
 
 
@@ -39,8 +42,11 @@ def test_schedules():
     cos = diffusion.named_beta_schedule("cosine", 1000)
     ac = np.cumprod(1 - cos)
     assert cos.max() <= 0.999 and np.all(np.diff(ac) < 0) and ac[0] > 0.9999
-    np.testing.assert_allclose(ac[499], np.cos((0.5 + 0.008) / 1.008 * np.pi / 2) ** 2 /
-                               np.cos(0.008 / 1.008 * np.pi / 2) ** 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        ac[499],
+        np.cos((0.5 + 0.008) / 1.008 * np.pi / 2) ** 2 / np.cos(0.008 / 1.008 * np.pi / 2) ** 2,
+        rtol=1e-6,
+    )
     with pytest.raises(ValueError):
         diffusion.named_beta_schedule("sigmoid")
 
@@ -63,18 +69,25 @@ def test_vb_term_only_trains_the_variance():
     assert not np.any(g_vb[..., :2]) and np.any(g_vb[..., 2:])
     assert np.any(g_mse[..., :2]) and not np.any(g_mse[..., 2:])
     # a model that predicts the true noise has zero mse
-    perfect = d.training_losses(lambda x, tt: jnp.concatenate([noise, out0[..., 2:]], -1), x0, t, noise)
+    perfect = d.training_losses(
+        lambda x, tt: jnp.concatenate([noise, out0[..., 2:]], -1), x0, t, noise
+    )
     np.testing.assert_allclose(perfect["mse"], 0, atol=1e-12)
     np.testing.assert_allclose(perfect["loss"], perfect["vb"])
 
 
 def test_fixed_variance_types():
-    for learn_sigma, small, expected in ((False, True, "posterior_variance"), (False, False, "fixed_large_variance")):
+    for learn_sigma, small, expected in (
+        (False, True, "posterior_variance"),
+        (False, False, "fixed_large_variance"),
+    ):
         d = diffusion.create_diffusion("50", learn_sigma=learn_sigma, sigma_small=small)
         x = jnp.ones((2, 2, 2, 1))
         t = jnp.array([0, 30])
         out = d.p_mean_variance(lambda a, b: jnp.zeros_like(a), x, t)
-        np.testing.assert_allclose(out["variance"][:, 0, 0, 0], d.consts[expected][[0, 30]], rtol=1e-6)
+        np.testing.assert_allclose(
+            out["variance"][:, 0, 0, 0], d.consts[expected][[0, 30]], rtol=1e-6
+        )
         terms = d.training_losses(lambda a, b: jnp.zeros_like(a), x, t, x)
         np.testing.assert_allclose(terms["loss"], terms["mse"])
 
@@ -119,8 +132,10 @@ def test_ddpm_uses_keys_and_skips_noise_at_the_last_step():
 
 def gaussian_data_eps(x, t, data_std=0.5):
     """The exact noise predictor when the data is N(0, data_std^2): eps = sqrt(1-a) x / (a s^2 + 1 - a)."""
-    ab = jnp.asarray(diffusion.create_diffusion("").consts["alphas_cumprod"], jnp.float32)[t][:, None, None, None]
-    eps = jnp.sqrt(1 - ab) * x / (ab * data_std ** 2 + 1 - ab)
+    ab = jnp.asarray(diffusion.create_diffusion("").consts["alphas_cumprod"], jnp.float32)[t][
+        :, None, None, None
+    ]
+    eps = jnp.sqrt(1 - ab) * x / (ab * data_std**2 + 1 - ab)
     return jnp.concatenate([eps, jnp.zeros_like(x)], axis=-1)
 
 
@@ -131,7 +146,9 @@ def test_ddim_inversion_round_trip_converges():
     for spacing in ("ddim250", ""):
         d = diffusion.create_diffusion(spacing)
         xT = jax.jit(lambda x: d.ddim_reverse_sample_loop(gaussian_data_eps, x))(x0)
-        assert float(jnp.std(xT)) > 1.5 * float(jnp.std(x0))  # it went to the noise scale (x0 / 0.5)
+        assert float(jnp.std(xT)) > 1.5 * float(
+            jnp.std(x0)
+        )  # it went to the noise scale (x0 / 0.5)
         recon = jax.jit(lambda z: d.ddim_sample_loop(gaussian_data_eps, z))(xT)
         errors[spacing] = float(jnp.abs(recon - x0).max())
     assert errors[""] < 0.01, errors
@@ -151,7 +168,9 @@ def test_cfg_model_fn_formula():
     labels = jnp.array([1, 2])
 
     def apply(x, t, y):  # output depends on the label so the halves differ
-        return jnp.concatenate([x + y[:, None, None, None], x * 0 + 10 * y[:, None, None, None]], -1)
+        return jnp.concatenate(
+            [x + y[:, None, None, None], x * 0 + 10 * y[:, None, None, None]], -1
+        )
 
     x = jnp.ones((2, 2, 2, 4))
     t = jnp.zeros((2,), jnp.int32)
@@ -161,7 +180,7 @@ def test_cfg_model_fn_formula():
         cond, uncond = apply(x, t, labels), apply(x, t, jnp.full((2,), null))
         want = uncond + 2.0 * (cond - uncond)
         np.testing.assert_allclose(out[..., guided], want[..., guided])
-        rest = np.arange(8)[guided.stop:]
+        rest = np.arange(8)[guided.stop :]
         np.testing.assert_allclose(out[..., rest], cond[..., rest])
 
 
@@ -171,7 +190,9 @@ def test_guidance_never_touches_the_variance_channels_of_a_one_channel_model():
     labels = jnp.array([1, 2])
 
     def apply(x, t, y):
-        return jnp.concatenate([x + y[:, None, None, None], x * 0 + 10 * y[:, None, None, None]], -1)
+        return jnp.concatenate(
+            [x + y[:, None, None, None], x * 0 + 10 * y[:, None, None, None]], -1
+        )
 
     x = jnp.ones((2, 2, 2, 1))
     t = jnp.zeros((2,), jnp.int32)
@@ -203,6 +224,7 @@ def test_dpm_solver_clip_denoised_clips_the_data_predictions():
     """Pixel-space runs clip x0 predictions (as DDPM/DDIM do): without it a cosine schedule's
     tiny alpha at t = 999 blows the first data prediction up."""
     from dit_jax import solvers
+
     schedule = diffusion.create_diffusion("", noise_schedule="cosine")
     fn = lambda x, t: jnp.zeros_like(x)  # eps = 0: x0 = x / alpha
     z = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))

@@ -36,6 +36,7 @@ REL_TOL = 1e-4  # of each reference array's max-abs value
 # Hand-written pickles: torch.save zips and TorchScript-like archives without PyTorch
 # ----------------------------------------------------------------------------------------
 
+
 def _global(module: str, name: str) -> bytes:
     return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
 
@@ -67,12 +68,28 @@ class _TensorWriter:
         key = str(len(self.records))
         self.records[key] = array.tobytes()
         strides = [s // array.itemsize for s in array.strides]
-        storage = _tuple(_str("storage"), _global("torch", _STORAGES[array.dtype]), _str(key), _str("cpu"),
-                         _int(array.size)) + b"Q"
-        return (_global("torch._utils", "_rebuild_tensor_v2")
-                + _tuple(storage, _int(0), _tuple(*map(_int, array.shape)), _tuple(*map(_int, strides)), b"\x89",
-                         _global("collections", "OrderedDict") + b")R")
-                + b"R")
+        storage = (
+            _tuple(
+                _str("storage"),
+                _global("torch", _STORAGES[array.dtype]),
+                _str(key),
+                _str("cpu"),
+                _int(array.size),
+            )
+            + b"Q"
+        )
+        return (
+            _global("torch._utils", "_rebuild_tensor_v2")
+            + _tuple(
+                storage,
+                _int(0),
+                _tuple(*map(_int, array.shape)),
+                _tuple(*map(_int, strides)),
+                b"\x89",
+                _global("collections", "OrderedDict") + b")R",
+            )
+            + b"R"
+        )
 
 
 def _write_zip(path, records: dict[str, bytes]) -> None:
@@ -86,8 +103,15 @@ def write_torch_state_dict(path, state_dict: dict) -> None:
     writer = _TensorWriter()
     body = b"".join(_str(k) + writer.tensor(v) for k, v in state_dict.items())
     pkl = b"\x80\x02" + _global("collections", "OrderedDict") + b")R(" + body + b"u."
-    _write_zip(path, {"data.pkl": pkl, "byteorder": b"little", "version": b"3\n",
-                      **{f"data/{k}": v for k, v in writer.records.items()}})
+    _write_zip(
+        path,
+        {
+            "data.pkl": pkl,
+            "byteorder": b"little",
+            "version": b"3\n",
+            **{f"data/{k}": v for k, v in writer.records.items()},
+        },
+    )
 
 
 def _torchscript_module(cls: str, attributes: bytes) -> bytes:
@@ -96,10 +120,15 @@ def _torchscript_module(cls: str, attributes: bytes) -> bytes:
     return _global(module, name) + b")\x81}(" + attributes + b"ub"
 
 
-def write_torchscript_like(path, data_pkl_body: bytes, writer: _TensorWriter, constants: bool = True) -> None:
-    records = {"data.pkl": b"\x80\x02" + data_pkl_body + b".", "version": b"3\n",
-               "code/__torch__/net.py": b"class Net(Module):\n  pass\n",
-               **{f"data/{k}": v for k, v in writer.records.items()}}
+def write_torchscript_like(
+    path, data_pkl_body: bytes, writer: _TensorWriter, constants: bool = True
+) -> None:
+    records = {
+        "data.pkl": b"\x80\x02" + data_pkl_body + b".",
+        "version": b"3\n",
+        "code/__torch__/net.py": b"class Net(Module):\n  pass\n",
+        **{f"data/{k}": v for k, v in writer.records.items()},
+    }
     if constants:
         records["constants.pkl"] = b"\x80\x02)."
     _write_zip(path, records)
@@ -110,23 +139,74 @@ def write_torchscript_like(path, data_pkl_body: bytes, writer: _TensorWriter, co
 # ----------------------------------------------------------------------------------------
 
 TORCHVISION_BRANCHES = {
-    "A": ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3",
-          "branch_pool"],
+    "A": [
+        "branch1x1",
+        "branch5x5_1",
+        "branch5x5_2",
+        "branch3x3dbl_1",
+        "branch3x3dbl_2",
+        "branch3x3dbl_3",
+        "branch_pool",
+    ],
     "B": ["branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"],
-    "C": ["branch1x1", "branch7x7_1", "branch7x7_2", "branch7x7_3", "branch7x7dbl_1", "branch7x7dbl_2",
-          "branch7x7dbl_3", "branch7x7dbl_4", "branch7x7dbl_5", "branch_pool"],
-    "D": ["branch3x3_1", "branch3x3_2", "branch7x7x3_1", "branch7x7x3_2", "branch7x7x3_3", "branch7x7x3_4"],
-    "E": ["branch1x1", "branch3x3_1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_1", "branch3x3dbl_2",
-          "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool"],
+    "C": [
+        "branch1x1",
+        "branch7x7_1",
+        "branch7x7_2",
+        "branch7x7_3",
+        "branch7x7dbl_1",
+        "branch7x7dbl_2",
+        "branch7x7dbl_3",
+        "branch7x7dbl_4",
+        "branch7x7dbl_5",
+        "branch_pool",
+    ],
+    "D": [
+        "branch3x3_1",
+        "branch3x3_2",
+        "branch7x7x3_1",
+        "branch7x7x3_2",
+        "branch7x7x3_3",
+        "branch7x7x3_4",
+    ],
+    "E": [
+        "branch1x1",
+        "branch3x3_1",
+        "branch3x3_2a",
+        "branch3x3_2b",
+        "branch3x3dbl_1",
+        "branch3x3dbl_2",
+        "branch3x3dbl_3a",
+        "branch3x3dbl_3b",
+        "branch_pool",
+    ],
 }
-TORCHVISION_BLOCKS = {"Mixed_5b": "A", "Mixed_5c": "A", "Mixed_5d": "A", "Mixed_6a": "B", "Mixed_6b": "C",
-                      "Mixed_6c": "C", "Mixed_6d": "C", "Mixed_6e": "C", "Mixed_7a": "D", "Mixed_7b": "E",
-                      "Mixed_7c": "E"}
-TORCHVISION_STEM = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
+TORCHVISION_BLOCKS = {
+    "Mixed_5b": "A",
+    "Mixed_5c": "A",
+    "Mixed_5d": "A",
+    "Mixed_6a": "B",
+    "Mixed_6b": "C",
+    "Mixed_6c": "C",
+    "Mixed_6d": "C",
+    "Mixed_6e": "C",
+    "Mixed_7a": "D",
+    "Mixed_7b": "E",
+    "Mixed_7c": "E",
+}
+TORCHVISION_STEM = [
+    "Conv2d_1a_3x3",
+    "Conv2d_2a_3x3",
+    "Conv2d_2b_3x3",
+    "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3",
+]
 
 
 def torchvision_conv_modules() -> list[str]:
-    return TORCHVISION_STEM + [f"{b}.{br}" for b, kind in TORCHVISION_BLOCKS.items() for br in TORCHVISION_BRANCHES[kind]]
+    return TORCHVISION_STEM + [
+        f"{b}.{br}" for b, kind in TORCHVISION_BLOCKS.items() for br in TORCHVISION_BRANCHES[kind]
+    ]
 
 
 def torchvision_state_dict(tf_sd: dict, fc_weight: np.ndarray) -> dict:
@@ -150,11 +230,14 @@ def torchvision_state_dict(tf_sd: dict, fc_weight: np.ndarray) -> dict:
 # Session fixtures: the reference, the weights, one jitted extractor
 # ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ref():
     base = reference_path("INCEPTION_REFERENCE", "inception")
     npz, sidecar = base.with_suffix(".npz"), base.with_suffix(".json")
-    assert npz.is_file() and sidecar.is_file(), f"Inception reference fixture not found at {base}(.npz/.json)"
+    assert npz.is_file() and sidecar.is_file(), (
+        f"Inception reference fixture not found at {base}(.npz/.json)"
+    )
     return dict(np.load(npz)), json.loads(sidecar.read_text())
 
 
@@ -169,7 +252,10 @@ def weights_path():
 @pytest.fixture(scope="module")
 def tf_state_dict(weights_path):
     root = state_dicts.read_torch_file(weights_path)
-    assert isinstance(root, state_dicts.TorchScriptObject) and root.torch_class == "__torch__.wrap_net.WrapNet"
+    assert (
+        isinstance(root, state_dicts.TorchScriptObject)
+        and root.torch_class == "__torch__.wrap_net.WrapNet"
+    )
     return state_dicts.flatten_torchscript(root["net"]["layers"])
 
 
@@ -180,7 +266,9 @@ def default_params(weights_path):
 
 @pytest.fixture(scope="module")
 def fc_weight():
-    return (np.random.default_rng(3).normal(size=(inception.NUM_LOGITS, inception.POOL_DIM)) * 0.05).astype(np.float32)
+    return (
+        np.random.default_rng(3).normal(size=(inception.NUM_LOGITS, inception.POOL_DIM)) * 0.05
+    ).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -214,12 +302,15 @@ def close(actual, expected, what, rel=REL_TOL):
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
     err = np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30)
-    assert err <= rel, f"{what}: max abs error {err:.3g} of the reference's max-abs value (tolerance {rel})"
+    assert err <= rel, (
+        f"{what}: max abs error {err:.3g} of the reference's max-abs value (tolerance {rel})"
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # Preprocessing and network parity
 # ----------------------------------------------------------------------------------------
+
 
 def test_resize_index_tables(ref):
     data, _ = ref
@@ -231,11 +322,13 @@ def test_resize_index_tables(ref):
 
 def test_network_input(ref):
     data, _ = ref
-    x = np.asarray(jax.jit(inception.preprocess)(data["images"]))      # NHWC
+    x = np.asarray(jax.jit(inception.preprocess)(data["images"]))  # NHWC
     assert x.shape == (6, 299, 299, 3) and x.dtype == np.float32
     stored = x[data["input_image_index"]].transpose(0, 3, 1, 2)
     assert np.max(np.abs(stored - data["input"])) <= 1e-6
-    np.testing.assert_allclose(x.astype(np.float64).mean(axis=(1, 2)), data["input_mean_hw"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        x.astype(np.float64).mean(axis=(1, 2)), data["input_mean_hw"], rtol=0, atol=1e-6
+    )
 
 
 def test_pool3_and_spatial_features(ref, features):
@@ -250,27 +343,44 @@ def test_pool3_and_spatial_features(ref, features):
 def test_layer_means_locate_mismatches(ref, default_params):
     data, _ = ref
     model = inception.InceptionV3()
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, inception.preprocess(x), return_layers=True)["layers"])
+    apply = jax.jit(
+        lambda p, x: model.apply({"params": p}, inception.preprocess(x), return_layers=True)[
+            "layers"
+        ]
+    )
     layers = apply(default_params, data["images"][:1])
     names = [k.split("/", 1)[1] for k in data if k.startswith("layer_means/")]
     assert names[0] == "conv" and names[-1] == "mixed_10" and set(names) <= set(layers)
     for name in names:  # in network order: the first failure is where a port diverges
-        close(np.asarray(layers[name], np.float64)[0].mean(axis=(0, 1)), data[f"layer_means/{name}"], f"layer {name}")
+        close(
+            np.asarray(layers[name], np.float64)[0].mean(axis=(0, 1)),
+            data[f"layer_means/{name}"],
+            f"layer {name}",
+        )
 
 
 def test_fid_and_precision_recall_of_the_fixture(ref):
     data, _ = ref
-    a, b = metrics.compute_statistics(data["fid/ref"]), metrics.compute_statistics(data["fid/sample"])
+    a, b = (
+        metrics.compute_statistics(data["fid/ref"]),
+        metrics.compute_statistics(data["fid/sample"]),
+    )
     np.testing.assert_array_equal(a.mu, data["fid/mu_ref"])
     np.testing.assert_allclose(a.sigma, data["fid/sigma_ref"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(b.sigma, data["fid/sigma_sample"], rtol=1e-12, atol=1e-12)
     for method in metrics.FID_METHODS:
         fid = metrics.frechet_distance(b.mu, b.sigma, a.mu, a.sigma, method=method)
         assert abs(fid - float(data["fid/fid"])) <= 1e-3 * float(data["fid/fid"]), method
-    np.testing.assert_allclose(metrics.manifold_radii(data["fid/ref"]), data["pr/radii_ref"], rtol=1e-5)
-    np.testing.assert_allclose(metrics.manifold_radii(data["fid/sample"]), data["pr/radii_sample"], rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics.manifold_radii(data["fid/ref"]), data["pr/radii_ref"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        metrics.manifold_radii(data["fid/sample"]), data["pr/radii_sample"], rtol=1e-5
+    )
     for block in (4096, 20):
-        precision, recall = metrics.precision_recall(data["fid/ref"], data["fid/sample"], block_size=block)
+        precision, recall = metrics.precision_recall(
+            data["fid/ref"], data["fid/sample"], block_size=block
+        )
         assert (precision, recall) == (float(data["pr/precision"]), float(data["pr/recall"]))
 
 
@@ -278,16 +388,33 @@ def test_fid_and_precision_recall_of_the_fixture(ref):
 # Weights: both layouts, the locator
 # ----------------------------------------------------------------------------------------
 
+
 def test_torchvision_names_cover_default_1_exactly(tf_state_dict):
-    tv_keys = [f"{m}.{p}" for m in torchvision_conv_modules()
-               for p in ("conv.weight", "bn.bias", "bn.running_mean", "bn.running_var")]
+    tv_keys = [
+        f"{m}.{p}"
+        for m in torchvision_conv_modules()
+        for p in ("conv.weight", "bn.bias", "bn.running_mean", "bn.running_var")
+    ]
     mapped = [inception.torchvision_to_tf_name(k) for k in tv_keys]
     assert sorted(mapped) == sorted(tf_state_dict) and len(set(mapped)) == len(mapped) == 376
-    assert inception.torchvision_to_tf_name("Mixed_6d.branch1x1.bn.running_mean") == "mixed_6.conv.mean"
-    assert inception.torchvision_to_tf_name("Mixed_7c.branch3x3dbl_3b.conv.weight") == "mixed_10.tower_1_mixed_conv_1.weight"
-    assert inception.torchvision_to_tf_name("Mixed_7a.branch7x7x3_4.conv.weight") == "mixed_8.tower_1.conv_3.weight"
+    assert (
+        inception.torchvision_to_tf_name("Mixed_6d.branch1x1.bn.running_mean")
+        == "mixed_6.conv.mean"
+    )
+    assert (
+        inception.torchvision_to_tf_name("Mixed_7c.branch3x3dbl_3b.conv.weight")
+        == "mixed_10.tower_1_mixed_conv_1.weight"
+    )
+    assert (
+        inception.torchvision_to_tf_name("Mixed_7a.branch7x7x3_4.conv.weight")
+        == "mixed_8.tower_1.conv_3.weight"
+    )
     assert inception.torchvision_to_tf_name("Conv2d_4a_3x3.bn.running_var") == "conv_4.var"
-    for ignored in ("fc.bias", "Mixed_5b.branch1x1.bn.num_batches_tracked", "Mixed_5b.branch1x1.bn.weight"):
+    for ignored in (
+        "fc.bias",
+        "Mixed_5b.branch1x1.bn.num_batches_tracked",
+        "Mixed_5b.branch1x1.bn.weight",
+    ):
         assert inception.torchvision_to_tf_name(ignored) is None
 
 
@@ -299,35 +426,48 @@ def test_both_weight_layouts_give_the_same_network(default_params, extractor, fc
     for key, value in a.items():
         np.testing.assert_array_equal(value, b[key], err_msg="/".join(key))
     np.testing.assert_array_equal(b[("logits", "kernel")], fc_weight.T)
-    assert a[("mixed_6", "conv", "kernel")].shape == (1, 1, 768, 192)   # HWIO
+    assert a[("mixed_6", "conv", "kernel")].shape == (1, 1, 768, 192)  # HWIO
 
 
 def test_logits_are_pool_times_fc_without_bias(features, fc_weight):
-    close(features["logits"], features["pool"].astype(np.float64) @ fc_weight.T.astype(np.float64), "logits", 1e-5)
+    close(
+        features["logits"],
+        features["pool"].astype(np.float64) @ fc_weight.T.astype(np.float64),
+        "logits",
+        1e-5,
+    )
 
 
 def test_bad_torchvision_state_dicts(tmp_path, tf_state_dict, fc_weight):
     sd = torchvision_state_dict(tf_state_dict, fc_weight)
     scaled = dict(sd, **{"Mixed_5b.branch1x1.bn.weight": np.full(64, 2.0, np.float32)})
-    with pytest.raises(state_dicts.CheckpointError, match="Mixed_5b.branch1x1.bn.weight is not all ones"):
+    with pytest.raises(
+        state_dicts.CheckpointError, match="Mixed_5b.branch1x1.bn.weight is not all ones"
+    ):
         inception.state_dict_from_torchvision(scaled, "scaled.pth")
     extra = dict(sd, **{"AuxLogits.fc.weight": np.zeros((1000, 768), np.float32)})
     with pytest.raises(state_dicts.CheckpointError, match="unexpected keys: AuxLogits.fc.weight"):
         inception.state_dict_from_torchvision(extra, "extra.pth")
     imagenet_head = dict(sd, **{"fc.weight": np.zeros((1000, 2048), np.float32)})
     with pytest.raises(state_dicts.CheckpointError, match=r"logits.weight: file \(1000, 2048\)"):
-        inception.params_from_tf_state_dict(inception.state_dict_from_torchvision(imagenet_head), "tv.pth")
+        inception.params_from_tf_state_dict(
+            inception.state_dict_from_torchvision(imagenet_head), "tv.pth"
+        )
     partial = {k: v for k, v in tf_state_dict.items() if not k.startswith("mixed_10.")}
     with pytest.raises(state_dicts.CheckpointError, match=r"missing \(36\): mixed_10"):
         inception.params_from_tf_state_dict(partial, "partial.pt")
     not_weights = tmp_path / "other.pth"
     write_torch_state_dict(not_weights, {"layer.weight": np.zeros(3, np.float32)})
-    with pytest.raises(state_dicts.CheckpointError, match="other.pth: not an FID Inception-V3 state dict"):
+    with pytest.raises(
+        state_dicts.CheckpointError, match="other.pth: not an FID Inception-V3 state dict"
+    ):
         inception.load_inception_params(not_weights)
 
 
 def test_weights_locator(tmp_path, monkeypatch, weights_path):
-    assert os.path.basename(weights_path) == "default_1.pt" or weights_path.endswith(inception.CACHE_FILE)
+    assert os.path.basename(weights_path) == "default_1.pt" or weights_path.endswith(
+        inception.CACHE_FILE
+    )
     monkeypatch.setenv("DIT_JAX_CACHE", str(tmp_path))
     monkeypatch.setattr(inception, "installed_weights_path", lambda: None)
     with pytest.raises(state_dicts.CheckpointError) as info:
@@ -349,11 +489,21 @@ def test_read_state_dict_flattens_torchscript(weights_path):
 # The TorchScript reader builds inert objects and refuses anything else
 # ----------------------------------------------------------------------------------------
 
+
 def _benign_module(writer: _TensorWriter) -> bytes:
     padding = _global("torch.jit._pickle", "build_intlist") + b"(](" + _int(0) + _int(3) + b"etR"
-    child = _torchscript_module("__torch__.net.Conv", _str("weight") + writer.tensor(np.arange(6, dtype=np.float32).reshape(2, 3))
-                                + _str("padding") + padding + _str("training") + b"\x89")
-    return _torchscript_module("__torch__.net.Net", _str("conv") + child + _str("training") + b"\x88")
+    child = _torchscript_module(
+        "__torch__.net.Conv",
+        _str("weight")
+        + writer.tensor(np.arange(6, dtype=np.float32).reshape(2, 3))
+        + _str("padding")
+        + padding
+        + _str("training")
+        + b"\x89",
+    )
+    return _torchscript_module(
+        "__torch__.net.Net", _str("conv") + child + _str("training") + b"\x88"
+    )
 
 
 def test_torchscript_reader_builds_inert_modules(tmp_path):
@@ -375,7 +525,12 @@ def test_torchscript_reader_refuses_other_globals(tmp_path):
     cases = {
         "os.system": _torchscript_module("__torch__.net.Net", _str("x") + evil_call),
         "torch.jit._pickle.build_tensor_from_id": _torchscript_module(
-            "__torch__.net.Net", _str("x") + _global("torch.jit._pickle", "build_tensor_from_id") + _tuple(_int(0)) + b"R"),
+            "__torch__.net.Net",
+            _str("x")
+            + _global("torch.jit._pickle", "build_tensor_from_id")
+            + _tuple(_int(0))
+            + b"R",
+        ),
         "builtins.getattr": _global("builtins", "getattr") + _tuple(_str("a"), _str("b")) + b"R",
     }
     for name, body in cases.items():
@@ -408,14 +563,24 @@ def test_torchscript_reader_refuses_other_globals(tmp_path):
 # Extractor API
 # ----------------------------------------------------------------------------------------
 
+
 def test_extractor_batches_and_streams(extractor, ref, features):
     images = ref[0]["images"]
-    assert extractor.batch_size % extractor.num_devices == 0 and extractor.num_devices == jax.local_device_count()
-    streamed = extractor.features_of_batches([images[:2], images[2:5], images[5:]])  # re-cut into one batch of 6
+    assert (
+        extractor.batch_size % extractor.num_devices == 0
+        and extractor.num_devices == jax.local_device_count()
+    )
+    streamed = extractor.features_of_batches(
+        [images[:2], images[2:5], images[5:]]
+    )  # re-cut into one batch of 6
     for name in features:
         np.testing.assert_array_equal(streamed[name], features[name])
     empty = extractor.features_of_batches([])
-    assert empty["pool"].shape == (0, 2048) and empty["spatial"].shape == (0, 2023) and empty["logits"].shape == (0, 1008)
+    assert (
+        empty["pool"].shape == (0, 2048)
+        and empty["spatial"].shape == (0, 2023)
+        and empty["logits"].shape == (0, 1008)
+    )
     with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
         extractor(images[..., 0])
     chunks = list(inception._rechunk(iter([np.arange(5), np.arange(5, 7), np.arange(7, 20)]), 8))
@@ -467,8 +632,14 @@ def single_threaded_blas():
 
 
 def _run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "dit_jax.evaluate", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, **BLAS_ENV}, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "dit_jax.evaluate", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **BLAS_ENV},
+        timeout=900,
+    )
 
 
 def _printed(stdout: str) -> dict:
@@ -480,18 +651,29 @@ def _printed(stdout: str) -> dict:
     return values
 
 
-def test_evaluate_cli_prints_the_library_numbers(tmp_path, ref, mirrored, features, mirrored_features, torchvision_weights):
+def test_evaluate_cli_prints_the_library_numbers(
+    tmp_path, ref, mirrored, features, mirrored_features, torchvision_weights
+):
     ref_path, sample_path = tmp_path / "ref.npz", tmp_path / "samples.npz"
     np.savez(ref_path, arr_0=mirrored)
     np.savez(sample_path, arr_0=ref[0]["images"])
-    result = _run_cli(ref_path, sample_path, f"--inception={torchvision_weights}", "--batch_size=8", "--fid_method=eigh")
+    result = _run_cli(
+        ref_path,
+        sample_path,
+        f"--inception={torchvision_weights}",
+        "--batch_size=8",
+        "--fid_method=eigh",
+    )
     assert result.returncode == 0, result.stderr
     printed = _printed(result.stdout)
     with single_threaded_blas():
         expected = metrics.evaluate_features(features, mirrored_features, fid_method="eigh")
     assert set(printed) == set(metrics.METRIC_NAMES.values()), result.stdout
     for key, name in metrics.METRIC_NAMES.items():
-        assert printed[name] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), (name, result.stdout)
+        assert printed[name] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), (
+            name,
+            result.stdout,
+        )
     assert expected["inception_score"] >= 1.0
 
 
@@ -501,10 +683,19 @@ def test_evaluate_cli_errors_are_one_line(tmp_path):
     cases = [
         ((no_images, no_images), "empty.npz: has neither images (arr_0) nor statistics"),
         ((no_images,), "usage: python -m dit_jax.evaluate REF.npz SAMPLES.npz"),
-        (("--make_reference=" + str(tmp_path / "o.npz"), "--source=folder:" + str(tmp_path / "nope")), "does not exist"),
+        (
+            (
+                "--make_reference=" + str(tmp_path / "o.npz"),
+                "--source=folder:" + str(tmp_path / "nope"),
+            ),
+            "does not exist",
+        ),
     ]
     for args, message in cases:
         result = _run_cli(*args)
         assert result.returncode == 1, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            args,
+            result.stderr,
+        )

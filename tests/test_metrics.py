@@ -17,7 +17,7 @@ def _adm_inception_score(logits, split_size=5000):
     preds = preds / preds.sum(axis=1, keepdims=True)
     scores = []
     for i in range(0, len(preds), split_size):
-        part = preds[i: i + split_size]
+        part = preds[i : i + split_size]
         kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
         scores.append(np.exp(np.mean(np.sum(kl, 1))))
     return float(np.mean(scores))
@@ -27,7 +27,9 @@ def test_inception_score_is_adm_formula():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(120, 1008)).astype(np.float32) * 3
     for split in (5000, 50, 7):
-        assert metrics.inception_score(logits, split) == pytest.approx(_adm_inception_score(logits, split), rel=1e-5)
+        assert metrics.inception_score(logits, split) == pytest.approx(
+            _adm_inception_score(logits, split), rel=1e-5
+        )
     # one class per sample, spread evenly over 10 classes: IS = 10; identical predictions: IS = 1
     confident = np.full((100, 1008), -1e4, np.float32)
     confident[np.arange(100), np.arange(100) % 10] = 0
@@ -49,8 +51,9 @@ def test_fid_methods_agree_and_errors():
     few = metrics.compute_statistics(rng.normal(size=(5, 64)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert np.isfinite(few.frechet_distance(b)) and few.frechet_distance(b, method="eigh") == pytest.approx(
-            few.frechet_distance(b), rel=1e-6)
+        assert np.isfinite(few.frechet_distance(b)) and few.frechet_distance(
+            b, method="eigh"
+        ) == pytest.approx(few.frechet_distance(b), rel=1e-6)
     with pytest.raises(ValueError, match="statistics do not match"):
         metrics.frechet_distance(a.mu, a.sigma, a.mu[:3], a.sigma[:3, :3])
     with pytest.raises(ValueError, match="FID method"):
@@ -61,10 +64,12 @@ def test_fid_methods_agree_and_errors():
 
 def test_streamed_statistics_equal_numpy():
     rng = np.random.default_rng(2)
-    x = (rng.normal(size=(300, 32)) * 5 + 1000).astype(np.float32)  # a large offset: no cancellation
+    x = (rng.normal(size=(300, 32)) * 5 + 1000).astype(
+        np.float32
+    )  # a large offset: no cancellation
     acc = metrics.StatisticsAccumulator()
     for i in range(0, 300, 64):
-        acc.add(x[i: i + 64])
+        acc.add(x[i : i + 64])
     exact = metrics.compute_statistics(x)
     got = acc.statistics()
     assert got.mu.dtype == np.float32 and got.sigma.dtype == np.float64
@@ -79,7 +84,11 @@ def _brute_force_pr(ref, sample, k=3):
     r_ref = np.sort(d(ref, ref), axis=1)[:, k]
     r_sample = np.sort(d(sample, sample), axis=1)[:, k]
     cross = d(ref, sample)
-    return (cross <= r_ref[:, None]).any(0).mean(), (cross <= r_sample[None, :]).any(1).mean(), r_ref
+    return (
+        (cross <= r_ref[:, None]).any(0).mean(),
+        (cross <= r_sample[None, :]).any(1).mean(),
+        r_ref,
+    )
 
 
 def test_precision_recall_blocks_match_brute_force():
@@ -98,18 +107,30 @@ def test_precision_recall_blocks_match_brute_force():
 
 def test_evaluate_features_uses_precomputed_statistics():
     rng = np.random.default_rng(4)
-    feats = lambda n, shift: {"pool": rng.normal(size=(n, 6)).astype(np.float32) + shift,
-                              "spatial": rng.normal(size=(n, 5)).astype(np.float32)}
+    feats = lambda n, shift: {
+        "pool": rng.normal(size=(n, 6)).astype(np.float32) + shift,
+        "spatial": rng.normal(size=(n, 5)).astype(np.float32),
+    }
     sample, ref = feats(20, 0.5), feats(30, 0.0)
     out = metrics.evaluate_features(sample, ref)
     assert set(out) == {"fid", "sfid", "precision", "recall"}
     precomputed = metrics.compute_statistics(ref["pool"][:10])
-    out2 = metrics.evaluate_features(sample, ref, ref_stats=precomputed,
-                                     ref_spatial_stats=metrics.compute_statistics(ref["spatial"]))
-    assert out2["fid"] == pytest.approx(metrics.compute_statistics(sample["pool"]).frechet_distance(precomputed))
+    out2 = metrics.evaluate_features(
+        sample,
+        ref,
+        ref_stats=precomputed,
+        ref_spatial_stats=metrics.compute_statistics(ref["spatial"]),
+    )
+    assert out2["fid"] == pytest.approx(
+        metrics.compute_statistics(sample["pool"]).frechet_distance(precomputed)
+    )
     assert out2["sfid"] == pytest.approx(out["sfid"]) and out2["precision"] == out["precision"]
-    stats_only = metrics.evaluate_features(sample, None, ref_stats=precomputed,
-                                           ref_spatial_stats=metrics.compute_statistics(ref["spatial"]))
+    stats_only = metrics.evaluate_features(
+        sample,
+        None,
+        ref_stats=precomputed,
+        ref_spatial_stats=metrics.compute_statistics(ref["spatial"]),
+    )
     assert "precision" not in stats_only
     with pytest.raises(ValueError, match="either images"):
         metrics.evaluate_features(sample, None)
@@ -155,7 +176,12 @@ def test_reference_batch_errors(tmp_path):
     expect(tmp_path / "float.npz", r"arr_0 must be uint8 images \[N, H, W, 3\]")
     np.savez(tmp_path / "gray.npz", arr_0=np.zeros((2, 4, 4), np.uint8))
     expect(tmp_path / "gray.npz", "arr_0 must be uint8 images")
-    np.savez(tmp_path / "half.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8), mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(
+        tmp_path / "half.npz",
+        arr_0=np.zeros((2, 4, 4, 3), np.uint8),
+        mu=np.zeros(3),
+        sigma=np.eye(3),
+    )
     expect(tmp_path / "half.npz", "need all of mu, sigma, mu_s, sigma_s")
     # arr_0 cut short inside the zip
     good = tmp_path / "good.npz"
@@ -172,14 +198,23 @@ def test_reference_batch_errors(tmp_path):
 
 def test_source_images_subset_and_errors(tmp_path):
     from PIL import Image
+
     for i in range(7):
         folder = tmp_path / "data" / f"c{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((12, 16), i * 30, np.uint8)).save(folder / f"{i}.png")  # grayscale, not square
+        Image.fromarray(np.full((12, 16), i * 30, np.uint8)).save(
+            folder / f"{i}.png"
+        )  # grayscale, not square
     batches = list(metrics.iter_source_images(f"folder:{tmp_path / 'data'}", 8, batch_size=3))
-    assert [b.shape for b in batches] == [(3, 8, 8, 3), (3, 8, 8, 3), (1, 8, 8, 3)] and batches[0].dtype == np.uint8
-    subset = np.concatenate(list(metrics.iter_source_images(f"folder:{tmp_path / 'data'}", 8, num=4, seed=1)))
-    again = np.concatenate(list(metrics.iter_source_images(f"folder:{tmp_path / 'data'}", 8, num=4, seed=1)))
+    assert [b.shape for b in batches] == [(3, 8, 8, 3), (3, 8, 8, 3), (1, 8, 8, 3)] and batches[
+        0
+    ].dtype == np.uint8
+    subset = np.concatenate(
+        list(metrics.iter_source_images(f"folder:{tmp_path / 'data'}", 8, num=4, seed=1))
+    )
+    again = np.concatenate(
+        list(metrics.iter_source_images(f"folder:{tmp_path / 'data'}", 8, num=4, seed=1))
+    )
     assert subset.shape == (4, 8, 8, 3)
     np.testing.assert_array_equal(subset, again)
     with pytest.raises(ValueError, match="does not exist"):

@@ -10,7 +10,9 @@ from flax import linen as nn
 
 from dit_jax import models
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+TINY = dict(
+    input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10
+)
 
 
 def tiny(**kw):
@@ -20,12 +22,16 @@ def tiny(**kw):
 def randomise(params, seed=0, scale=0.1):
     """Every parameter random (zero-initialised layers would hide bugs)."""
     rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(lambda l: jnp.asarray(scale * rng.standard_normal(l.shape), jnp.float32), params)
+    return jax.tree_util.tree_map(
+        lambda l: jnp.asarray(scale * rng.standard_normal(l.shape), jnp.float32), params
+    )
 
 
 def inputs(model, n=4, seed=0):
     rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal((n, model.input_size, model.input_size, model.in_channels)), jnp.float32)
+    x = jnp.asarray(
+        rng.standard_normal((n, model.input_size, model.input_size, model.in_channels)), jnp.float32
+    )
     t = jnp.asarray(rng.integers(0, 1000, n), jnp.int32)
     y = jnp.asarray(rng.integers(0, model.num_classes, n), jnp.int32)
     return x, t, y
@@ -33,7 +39,9 @@ def inputs(model, n=4, seed=0):
 
 @pytest.mark.parametrize("alias", ["DiT-XL/2", "XL/2", "dit_xl_2", "xl/2", "DiT-XL-2"])
 def test_name_aliases(alias):
-    assert models.model_kwargs_from_name(alias) == dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2)
+    assert models.model_kwargs_from_name(alias) == dict(
+        depth=28, hidden_size=1152, num_heads=16, patch_size=2
+    )
     assert models.canonical_name(alias) == "DiT-XL/2"
 
 
@@ -41,9 +49,15 @@ def test_all_twelve_names_decode():
     assert len(models.MODEL_NAMES) == 12
     seen = {tuple(models.model_kwargs_from_name(n).values()) for n in models.MODEL_NAMES}
     assert len(seen) == 12
-    assert models.model_kwargs_from_name("S/8") == dict(depth=12, hidden_size=384, num_heads=6, patch_size=8)
-    assert models.model_kwargs_from_name("B/4") == dict(depth=12, hidden_size=768, num_heads=12, patch_size=4)
-    assert models.model_kwargs_from_name("L/2") == dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2)
+    assert models.model_kwargs_from_name("S/8") == dict(
+        depth=12, hidden_size=384, num_heads=6, patch_size=8
+    )
+    assert models.model_kwargs_from_name("B/4") == dict(
+        depth=12, hidden_size=768, num_heads=12, patch_size=4
+    )
+    assert models.model_kwargs_from_name("L/2") == dict(
+        depth=24, hidden_size=1024, num_heads=16, patch_size=2
+    )
 
 
 @pytest.mark.parametrize("bad", ["XXL/2", "XL/3", "DiT-H/2", "", "resnet50"])
@@ -92,8 +106,12 @@ def test_sincos_2d_layout():
     d, g = 16, 3
     emb = models.sincos_2d(d, g)
     row, col = 2, 1
-    np.testing.assert_allclose(emb[row * g + col, : d // 2], models.sincos_1d(d // 2, np.array([col]))[0])
-    np.testing.assert_allclose(emb[row * g + col, d // 2:], models.sincos_1d(d // 2, np.array([row]))[0])
+    np.testing.assert_allclose(
+        emb[row * g + col, : d // 2], models.sincos_1d(d // 2, np.array([col]))[0]
+    )
+    np.testing.assert_allclose(
+        emb[row * g + col, d // 2 :], models.sincos_1d(d // 2, np.array([row]))[0]
+    )
 
 
 @pytest.mark.parametrize("block_type", models.BLOCK_TYPES)
@@ -109,8 +127,12 @@ def test_block_designs_forward_and_train(block_type):
     assert not np.allclose(out, out2)
 
     def loss(params):
-        return jnp.mean(model.apply({"params": params}, x, t, y, train=True,
-                                    rngs={"label_dropout": jax.random.key(1)}) ** 2)
+        return jnp.mean(
+            model.apply(
+                {"params": params}, x, t, y, train=True, rngs={"label_dropout": jax.random.key(1)}
+            )
+            ** 2
+        )
 
     grads = jax.jit(jax.grad(loss))(p)
     assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
@@ -146,17 +168,24 @@ def test_forward_with_cfg_official_vs_all_channels():
     x = jnp.concatenate([x[:2], x[:2]])
     y = jnp.concatenate([y[:2], jnp.full((2,), 10)])
     t = jnp.concatenate([t[:2], t[:2]])
-    cfg = lambda channels: jax.jit(functools.partial(model.apply, guidance_channels=channels,
-                                                     method=models.DiT.forward_with_cfg))
+    cfg = lambda channels: jax.jit(
+        functools.partial(
+            model.apply, guidance_channels=channels, method=models.DiT.forward_with_cfg
+        )
+    )
     official = cfg(3)(p, x, t, y, 4.0)
     full = cfg(None)(p, x, t, y, 4.0)
     raw = jax.jit(model.apply)(p, x, t, y)
     np.testing.assert_allclose(official[..., :3], full[..., :3], rtol=1e-6)
-    np.testing.assert_allclose(official[:2, ..., 3], raw[:2, ..., 3], rtol=1e-6)  # conditional eps, unguided
+    np.testing.assert_allclose(
+        official[:2, ..., 3], raw[:2, ..., 3], rtol=1e-6
+    )  # conditional eps, unguided
     guided3 = raw[2:, ..., 3] + 4.0 * (raw[:2, ..., 3] - raw[2:, ..., 3])
     np.testing.assert_allclose(full[:2, ..., 3], guided3, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(official[:2, ..., :3], official[2:, ..., :3])
-    np.testing.assert_allclose(official[..., 3:], raw[..., 3:], rtol=1e-6)  # unguided channels pass through
+    np.testing.assert_allclose(
+        official[..., 3:], raw[..., 3:], rtol=1e-6
+    )  # unguided channels pass through
     unguided = cfg(None)(p, x, t, y, 1.0)
     np.testing.assert_allclose(unguided[:2], raw[:2], rtol=1e-5, atol=1e-6)
 
@@ -169,7 +198,7 @@ def test_bf16_and_remat_match_float32():
     low = jax.jit(tiny(dtype=jnp.bfloat16).apply)({"params": p}, x, t, y)
     assert low.dtype == jnp.float32
     assert np.abs(low - ref).max() < 0.05 * np.abs(ref).max()
-    loss = lambda m: (lambda q: jnp.sum(m.apply({"params": q}, x, t, y) ** 2))
+    loss = lambda m: lambda q: jnp.sum(m.apply({"params": q}, x, t, y) ** 2)
     g_ref, g_remat = jax.jit(jax.grad(loss(model)))(p), jax.jit(jax.grad(loss(tiny(remat=True))))(p)
     for a, b in zip(jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_remat)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

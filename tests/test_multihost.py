@@ -26,11 +26,20 @@ from test_reliability import TRAIN_FLAGS, Run, metrics, read_checkpoint
 STEPS = 16
 #: Parameters split over 2 devices (fsdp) that may sit in different processes, and an EMA grid
 #: every 8 steps: every process joins gathering the EMA, process 0 samples and writes it.
-FLAGS = [f for f in TRAIN_FLAGS if not f.startswith(("--config.checkpoint_every_steps",
-                                                     "--config.sample.every_steps"))] + [
-    "--config.checkpoint_every_steps=4", "--config.keep_every_steps=4", "--config.mesh.fsdp=2",
-    "--config.sample.every_steps=8", "--config.sample.sampler=ddim", "--config.sample.steps=2",
-    "--config.sample.num_per_class=1", "--config.sample.autoencoder=identity:8"]
+FLAGS = [
+    f
+    for f in TRAIN_FLAGS
+    if not f.startswith(("--config.checkpoint_every_steps", "--config.sample.every_steps"))
+] + [
+    "--config.checkpoint_every_steps=4",
+    "--config.keep_every_steps=4",
+    "--config.mesh.fsdp=2",
+    "--config.sample.every_steps=8",
+    "--config.sample.sampler=ddim",
+    "--config.sample.steps=2",
+    "--config.sample.num_per_class=1",
+    "--config.sample.autoencoder=identity:8",
+]
 #: Losses and parameters of 2 x 4 against 1 x 8 devices (the same 8-device mesh). Measured: equal
 #: to the bit; the tolerance only allows a different reduction order of the cross-process
 #: all-reduce (gloo) from the in-process one, which float32 sums may round differently.
@@ -41,22 +50,41 @@ TIMEOUT = 300  # any one launch; a hung collective fails here instead of hanging
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
-    return {**os.environ, "DIT_JAX_CACHE": str(base / "dit_jax_cache"), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONUNBUFFERED": "1",
-            "DIT_JAX_COORDINATOR_TIMEOUT": "60",
-            "JAX_COMPILATION_CACHE_DIR": str(base / "jax_compilation_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return {
+        **os.environ,
+        "DIT_JAX_CACHE": str(base / "dit_jax_cache"),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "PYTHONUNBUFFERED": "1",
+        "DIT_JAX_COORDINATOR_TIMEOUT": "60",
+        "JAX_COMPILATION_CACHE_DIR": str(base / "jax_compilation_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
 
 def train(workdir, steps=STEPS):
-    return [sys.executable, "-m", "dit_jax.main", *FLAGS, f"--config.num_train_steps={steps}",
-            f"--workdir={workdir}"]
+    return [
+        sys.executable,
+        "-m",
+        "dit_jax.main",
+        *FLAGS,
+        f"--config.num_train_steps={steps}",
+        f"--workdir={workdir}",
+    ]
 
 
 def local(cmd, processes=2, devices=4):
-    return [sys.executable, "-m", "launch.local", f"--num_processes={processes}",
-            f"--devices_per_process={devices}", "--grace_s=5", "--", *cmd]
+    return [
+        sys.executable,
+        "-m",
+        "launch.local",
+        f"--num_processes={processes}",
+        f"--devices_per_process={devices}",
+        "--grace_s=5",
+        "--",
+        *cmd,
+    ]
 
 
 def run(cmd, env):
@@ -70,8 +98,11 @@ def reference(tmp_path_factory, env):
     """Uninterrupted, 1 process x 8 devices: losses of every step and the final state."""
     workdir = tmp_path_factory.mktemp("reference") / "w"
     run(train(workdir), env)
-    return (dict(metrics(workdir)), read_checkpoint(workdir / "checkpoints", log=lambda *_: None),
-            workdir)
+    return (
+        dict(metrics(workdir)),
+        read_checkpoint(workdir / "checkpoints", log=lambda *_: None),
+        workdir,
+    )
 
 
 def assert_matches_reference(workdir, reference, steps):
@@ -81,8 +112,9 @@ def assert_matches_reference(workdir, reference, steps):
     losses, (want, want_data, want_step), _ = reference
     got_losses = dict(metrics(workdir))
     loss_diff = max(abs(got_losses[s] - losses[s]) for s in steps)
-    np.testing.assert_allclose([got_losses[s] for s in steps], [losses[s] for s in steps],
-                               rtol=LOSS_RTOL)
+    np.testing.assert_allclose(
+        [got_losses[s] for s in steps], [losses[s] for s in steps], rtol=LOSS_RTOL
+    )
     got, got_data, got_step = read_checkpoint(workdir / "checkpoints", log=lambda *_: None)
     assert (got_step, got_data) == (want_step, want_data) == (STEPS, got_data)
     assert got.keys() == want.keys()
@@ -107,7 +139,9 @@ def test_two_processes_sigterm_then_resume_on_one(tmp_path, env, reference):
     launcher.proc.send_signal(signal.SIGTERM)
     code, out = launcher.finish(timeout=120)
     assert code == 0, out[-3000:]
-    saved = {int(p): int(s) for p, s in re.findall(r"^\[(\d)\] preempted: saved step (\d+)", out, re.M)}
+    saved = {
+        int(p): int(s) for p, s in re.findall(r"^\[(\d)\] preempted: saved step (\d+)", out, re.M)
+    }
     assert set(saved) == {0, 1} and len(set(saved.values())) == 1, out[-3000:]
     step = saved[0]
     assert 6 <= step < STEPS
@@ -170,18 +204,36 @@ def test_eval_set_and_encoding_do_not_depend_on_the_process_count(tmp_path, env)
     """An evaluation set sampled by 2 processes x 2 devices is byte-identical to one sampled by
     1 process x 2 devices (chunks are per_device_batch x local devices: keep devices per process);
     a latent dataset encoded by 2 processes holds the examples of one encoded by 1."""
-    sample = [sys.executable, "-m", "dit_jax.sample", "--model=S/8", "--input_size=8",
-              "--num_classes=4", "--vae=identity:8", "--image_size=8", "--in_channels=1",
-              "--sampler=ddim", "--steps=3", "--guidance=all", "--num_samples=14",
-              "--per_device_batch=2"]
+    sample = [
+        sys.executable,
+        "-m",
+        "dit_jax.sample",
+        "--model=S/8",
+        "--input_size=8",
+        "--num_classes=4",
+        "--vae=identity:8",
+        "--image_size=8",
+        "--in_channels=1",
+        "--sampler=ddim",
+        "--steps=3",
+        "--guidance=all",
+        "--num_samples=14",
+        "--per_device_batch=2",
+    ]
     one_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     run(sample + [f"--output={tmp_path / 'one.npz'}"], one_env)
     run(local(sample + [f"--output={tmp_path / 'two.npz'}"], devices=2), env)
     with open(tmp_path / "one.npz", "rb") as a, open(tmp_path / "two.npz", "rb") as b:
         assert a.read() == b.read()
 
-    encode = [sys.executable, "-m", "dit_jax.data.encode", "--source=embedded",
-              "--autoencoder=identity:32", "--image_size=28"]
+    encode = [
+        sys.executable,
+        "-m",
+        "dit_jax.data.encode",
+        "--source=embedded",
+        "--autoencoder=identity:32",
+        "--image_size=28",
+    ]
     run(encode + [f"--output={tmp_path / 'lat1'}"], one_env)
     res = run(local(encode + [f"--output={tmp_path / 'lat2'}"], devices=1), env)
     one, two = read_all(tmp_path / "lat1"), read_all(tmp_path / "lat2")
@@ -193,11 +245,18 @@ def test_eval_set_and_encoding_do_not_depend_on_the_process_count(tmp_path, env)
 
 def test_unreachable_coordinator_fails_with_one_line(tmp_path, env):
     from launch.local import free_port
-    bad = {**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2",
-           "JAX_PROCESS_ID": "1", "DIT_JAX_COORDINATOR_TIMEOUT": "3"}
+
+    bad = {
+        **env,
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
+        "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": "1",
+        "DIT_JAX_COORDINATOR_TIMEOUT": "3",
+    }
     start = time.monotonic()
-    res = subprocess.run(train(tmp_path / "w"), cwd=REPO, env=bad, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        train(tmp_path / "w"), cwd=REPO, env=bad, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: process 1 of 2 cannot reach the coordinator at 127.0.0.1:"), last

@@ -19,15 +19,28 @@ from configs import demo
 from dit_jax import models, planning, sharding
 from launch import common, tpu
 
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed (pip install 'jax[tpu]'): "
-                                         "no TPU topology to compile for")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU topology to compile for",
+)
 
-TINY = {"model.depth": 2, "model.hidden_size": 128, "model.num_heads": 2, "model.patch_size": 8,
-        "batch_size": 16, "sample.every_steps": 0}
+TINY = {
+    "model.depth": 2,
+    "model.hidden_size": 128,
+    "model.num_heads": 2,
+    "model.patch_size": 8,
+    "batch_size": 16,
+    "sample.every_steps": 0,
+}
 #: ~1.4B parameters: 23 GB of state on one chip, a quarter of it with fsdp=4
-HUGE = {"model.depth": 2, "model.hidden_size": 6144, "model.num_heads": 8, "model.patch_size": 8,
-        "batch_size": 8, "sample.every_steps": 0}
+HUGE = {
+    "model.depth": 2,
+    "model.hidden_size": 6144,
+    "model.num_heads": 8,
+    "model.patch_size": 8,
+    "batch_size": 8,
+    "sample.every_steps": 0,
+}
 
 
 def tiny(**overrides):
@@ -36,8 +49,13 @@ def tiny(**overrides):
 
 def plan_cli(*args):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "dit_jax.plan", "--config=configs/demo.py", *args],
-                          capture_output=True, text=True, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "dit_jax.plan", "--config=configs/demo.py", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
 
 
 def sets(overrides):
@@ -47,6 +65,7 @@ def sets(overrides):
 # ----------------------------------------------------------------------------------------
 # Topology names (no libtpu needed)
 # ----------------------------------------------------------------------------------------
+
 
 def test_topology_names():
     t = planning.parse_topology("v5p-8")
@@ -77,25 +96,35 @@ def test_unknown_topology_cli():
 
 
 def test_oom_message_parsing():
-    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-           "temporaries (18.16G) exceeds available HBM (15.75G).")
+    msg = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (18.16G) exceeds available HBM (15.75G)."
+    )
     req, avail = planning.parse_oom(msg)
     assert req == pytest.approx(18.16 * 2**30) and avail == pytest.approx(15.75 * 2**30)
     assert planning.parse_oom("Used 20.5G of 15.75G hbm.")[0] == pytest.approx(20.5 * 2**30)
 
 
 def test_collective_counts():
-    hlo = ("%all-gather.1 = bf16[8] all-gather(%p), dimensions={0}\n"
-           "%ar = f32[] all-reduce-start(%x)\n%ard = f32[] all-reduce-done(%ar)\n"
-           "%rs = f32[2] reduce-scatter(%y)\n")
+    hlo = (
+        "%all-gather.1 = bf16[8] all-gather(%p), dimensions={0}\n"
+        "%ar = f32[] all-reduce-start(%x)\n%ard = f32[] all-reduce-done(%ar)\n"
+        "%rs = f32[2] reduce-scatter(%y)\n"
+    )
     c = planning.collective_counts(hlo)
-    assert c == {"all-reduce": 1, "all-gather": 1, "reduce-scatter": 1, "all-to-all": 0,
-                 "collective-permute": 0}
+    assert c == {
+        "all-reduce": 1,
+        "all-gather": 1,
+        "reduce-scatter": 1,
+        "all-to-all": 0,
+        "collective-permute": 0,
+    }
 
 
 # ----------------------------------------------------------------------------------------
 # Compiled for TPU topologies
 # ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def v5p_plans():
@@ -113,8 +142,9 @@ def test_argument_bytes_match_params_and_sharding(v5p_plans):
     assert s1["params"] == s1["ema_params"] == 4 * n_params  # float32, replicated
     assert s1["opt_state"] == pytest.approx(2 * s1["params"], abs=64)  # Adam's mu and nu
     # fsdp=4 quarters every parameter with a wide ('mlp') axis; the tables without one stay whole
-    boxed = jax.eval_shape(lambda r: model.init({"params": r}, *models.dummy_inputs(model)),
-                           jax.random.PRNGKey(0))["params"]
+    boxed = jax.eval_shape(
+        lambda r: model.init({"params": r}, *models.dummy_inputs(model)), jax.random.PRNGKey(0)
+    )["params"]
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     split = sum(4 * x.value.size for x in leaves if "mlp" in x.names)
     assert 0 < split and s4["params"] == split // 4 + (s1["params"] - split)
@@ -149,9 +179,15 @@ def test_too_big_for_a_v5e_chip_does_not_fit():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["fits"] is False and out["num_devices"] == 1
     assert out["required_bytes_per_device"] > out["available_bytes_per_device"] > 15 * 2**30
-    assert {"topology", "hbm_bytes_per_device", "peak_bytes_per_device",
-            "argument_bytes_per_device",
-            "flops_per_device", "estimated_step_seconds", "overrides"} <= set(out)
+    assert {
+        "topology",
+        "hbm_bytes_per_device",
+        "peak_bytes_per_device",
+        "argument_bytes_per_device",
+        "flops_per_device",
+        "estimated_step_seconds",
+        "overrides",
+    } <= set(out)
     proc = plan_cli("--topology=v5e-1", *sets(HUGE))
     assert proc.returncode == 1 and "fits: NO" in proc.stdout and "Traceback" not in proc.stderr
 
@@ -169,8 +205,15 @@ def test_search_finds_a_plan_that_fits():
 
 @needs_libtpu
 def test_preflight_refuses_a_launch_that_cannot_fit(capsys):
-    argv = ["run", "--name=x", "--accelerator=v5e-1", "--config=configs/demo.py",
-            "--workdir=gs://bkt/x", "--dry_run", *[f"--set={k}={v}" for k, v in HUGE.items()]]
+    argv = [
+        "run",
+        "--name=x",
+        "--accelerator=v5e-1",
+        "--config=configs/demo.py",
+        "--workdir=gs://bkt/x",
+        "--dry_run",
+        *[f"--set={k}={v}" for k, v in HUGE.items()],
+    ]
     with pytest.raises(SystemExit) as e:
         common.main_guard(tpu.main)(argv)
     out = capsys.readouterr()
@@ -181,15 +224,24 @@ def test_preflight_refuses_a_launch_that_cannot_fit(capsys):
 
 
 def test_preflight_command():
-    cmd = common.plan_command("python", "configs/xl2.py", "v5p-8",
-                              ["--config.batch_size=256", "--workdir_extra=x"])
-    assert cmd == ["python", "-m", "dit_jax.plan", "--config=configs/xl2.py", "--topology=v5p-8",
-                   "--json", "--config.batch_size=256"]
+    cmd = common.plan_command(
+        "python", "configs/xl2.py", "v5p-8", ["--config.batch_size=256", "--workdir_extra=x"]
+    )
+    assert cmd == [
+        "python",
+        "-m",
+        "dit_jax.plan",
+        "--config=configs/xl2.py",
+        "--topology=v5p-8",
+        "--json",
+        "--config.batch_size=256",
+    ]
 
 
 # ----------------------------------------------------------------------------------------
 # Multi-slice meshes
 # ----------------------------------------------------------------------------------------
+
 
 @needs_libtpu
 def test_multislice_mesh_puts_data_across_slices():

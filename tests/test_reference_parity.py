@@ -7,7 +7,6 @@ sizes, patch sizes, class counts, batch sizes) runs through the same test. Toler
 each reference array's max-abs value. Arrays in the fixture are NCHW; ours are NHWC.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +35,9 @@ def assert_close(ours, theirs, name):
     theirs = np.asarray(theirs)
     scale = max(np.abs(theirs).max(), 1e-12)
     err = np.abs(np.asarray(ours, np.float64) - theirs).max() / scale
-    assert err <= TOL, f"{name}: max-abs error {err:.3g} of the reference's max-abs (tolerance {TOL})"
+    assert err <= TOL, (
+        f"{name}: max-abs error {err:.3g} of the reference's max-abs (tolerance {TOL})"
+    )
 
 
 def model_fn(model, params, y):
@@ -55,8 +56,14 @@ def test_forward(ref):
 
 def test_forward_with_cfg(ref):
     d, model, params = ref
-    out = model.apply(params, nhwc(d["cfg/x"]), ints(d["cfg/t"]), ints(d["cfg/y"]), float(d["cfg/scale"]),
-                      method=models.DiT.forward_with_cfg)
+    out = model.apply(
+        params,
+        nhwc(d["cfg/x"]),
+        ints(d["cfg/t"]),
+        ints(d["cfg/y"]),
+        float(d["cfg/scale"]),
+        method=models.DiT.forward_with_cfg,
+    )
     assert_close(nchw(out), d["cfg/out"], "forward_with_cfg")
 
 
@@ -65,8 +72,12 @@ def test_cfg_model_fn_matches_official_batching(ref):
     d, model, params = ref
     x, t, y = nhwc(d["cfg/x"]), ints(d["cfg/t"]), ints(d["cfg/y"])
     half = x.shape[0] // 2
-    fn = diffusion.cfg_model_fn(lambda a, b, c: model.apply(params, a, b, c), y[:half], model.num_classes,
-                                float(d["cfg/scale"]))
+    fn = diffusion.cfg_model_fn(
+        lambda a, b, c: model.apply(params, a, b, c),
+        y[:half],
+        model.num_classes,
+        float(d["cfg/scale"]),
+    )
     assert_close(nchw(fn(x[:half], t[:half])), d["cfg/out"][:half], "cfg_model_fn")
 
 
@@ -86,8 +97,12 @@ def test_schedules(ref):
 def test_training_losses(ref):
     d, model, params = ref
     base = diffusion.create_diffusion("")
-    terms = base.training_losses(model_fn(model, params, ints(d["loss/y"])), nhwc(d["loss/x0"]),
-                                 ints(d["loss/t"]), nhwc(d["loss/noise"]))
+    terms = base.training_losses(
+        model_fn(model, params, ints(d["loss/y"])),
+        nhwc(d["loss/x0"]),
+        ints(d["loss/t"]),
+        nhwc(d["loss/noise"]),
+    )
     assert_close(nchw(terms["x_t"]), d["loss/x_t"], "x_t")
     for key in ("loss", "mse", "vb"):
         assert_close(terms[key], d[f"loss/{key}"], key)
@@ -96,7 +111,9 @@ def test_training_losses(ref):
 def test_p_mean_variance(ref):
     d, model, params = ref
     spaced = diffusion.create_diffusion(str(len(d["respace250/timestep_map"])))
-    out = spaced.p_mean_variance(model_fn(model, params, ints(d["pmv/y"])), nhwc(d["pmv/x_t"]), ints(d["pmv/index"]))
+    out = spaced.p_mean_variance(
+        model_fn(model, params, ints(d["pmv/y"])), nhwc(d["pmv/x_t"]), ints(d["pmv/index"])
+    )
     for key in ("mean", "log_variance", "pred_xstart"):
         assert_close(nchw(out[key]), d[f"pmv/{key}"], key)
 
@@ -106,7 +123,9 @@ def test_ddpm_loop_with_given_noise(ref):
     spaced = diffusion.create_diffusion(str(len(d["ddpm/timestep_map"])))
     fn = cfg_fn(model, params, ints(d["ddpm/y"]), float(d["ddpm/cfg_scale"]))
     step_noise = jnp.asarray(np.transpose(d["ddpm/step_noise"], (0, 1, 3, 4, 2)))
-    out = jax.jit(lambda z, n: spaced.p_sample_loop(fn, z, step_noise=n))(nhwc(d["ddpm/z"]), step_noise)
+    out = jax.jit(lambda z, n: spaced.p_sample_loop(fn, z, step_noise=n))(
+        nhwc(d["ddpm/z"]), step_noise
+    )
     assert_close(nchw(out), d["ddpm/sample"], "ddpm sample")
 
 
@@ -121,8 +140,11 @@ def test_ddim_loop(ref):
 def test_ddim_reverse_step(ref):
     d, model, params = ref
     spaced = diffusion.create_diffusion(str(len(d["ddpm/timestep_map"])))
-    out = spaced.ddim_reverse_sample(model_fn(model, params, ints(d["ddim_reverse/y"])), nhwc(d["ddim_reverse/x"]),
-                                     ints(d["ddim_reverse/index"]))
+    out = spaced.ddim_reverse_sample(
+        model_fn(model, params, ints(d["ddim_reverse/y"])),
+        nhwc(d["ddim_reverse/x"]),
+        ints(d["ddim_reverse/index"]),
+    )
     assert_close(nchw(out), d["ddim_reverse/sample"], "ddim reverse step")
 
 
@@ -130,7 +152,7 @@ def test_export_round_trip(ref):
     """Flax params -> official state dict reproduces the fixture's tensors exactly."""
     d, model, params = ref
     sd = param_mapping.state_dict_from_dit_params(params["params"], model.patch_size)
-    expected = {k[len("state_dict/"):]: v for k, v in d.items() if k.startswith("state_dict/")}
+    expected = {k[len("state_dict/") :]: v for k, v in d.items() if k.startswith("state_dict/")}
     assert set(sd) == set(expected)
     for k, v in expected.items():
         np.testing.assert_array_equal(sd[k], v, err_msg=k)

@@ -6,7 +6,6 @@ importer. Tolerance: 1e-4 of each reference array's max-abs value (dopri5: the s
 tolerance, since a port's adaptive steps differ). Arrays in the fixture are NCHW; ours are NHWC.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,31 +55,34 @@ def guided(model, params, d, name):
     """The sampler's model: cfg over the first half (the fixture's z/y are doubled)."""
     y = ints(d[f"{name}/y"])
     half = y.shape[0] // 2
-    fn = diffusion.cfg_model_fn(apply_fn(model, params), y[:half], model.num_classes,
-                                float(d[f"{name}/cfg_scale"]))
+    fn = diffusion.cfg_model_fn(
+        apply_fn(model, params), y[:half], model.num_classes, float(d[f"{name}/cfg_scale"])
+    )
     return fn, nhwc(d[f"{name}/z"])[:half], half
 
 
 def transport(spec):
     c = spec["create_transport"]
-    return interpolants.create_interpolant(c["path_type"], c["prediction"], c["loss_weight"],
-                                           c["train_eps"], c["sample_eps"])
+    return interpolants.create_interpolant(
+        c["path_type"], c["prediction"], c["loss_weight"], c["train_eps"], c["sample_eps"]
+    )
 
 
 def test_forward(ref):
     d, _, model, params = ref
     x, t, y = nhwc(d["forward/x"]), jnp.asarray(d["forward/t"]), ints(d["forward/y"])
     out = model.apply(params, x, t, y)
-    assert_close(nchw(out[..., :model.in_channels]), d["forward/out"], "forward")
+    assert_close(nchw(out[..., : model.in_channels]), d["forward/out"], "forward")
 
 
 def test_cfg(ref):
     d, _, model, params = ref
     x, t, y = nhwc(d["cfg/x"]), jnp.asarray(d["cfg/t"]), ints(d["cfg/y"])
     half = x.shape[0] // 2
-    fn = diffusion.cfg_model_fn(apply_fn(model, params), y[:half], model.num_classes,
-                                float(d["cfg/scale"]))
-    out = fn(x[:half], t[:half])[..., :model.in_channels]
+    fn = diffusion.cfg_model_fn(
+        apply_fn(model, params), y[:half], model.num_classes, float(d["cfg/scale"])
+    )
+    out = fn(x[:half], t[:half])[..., : model.in_channels]
     assert_close(nchw(out), d["cfg/out"][:half], "cfg")
 
 
@@ -92,8 +94,15 @@ def test_plan(ref, path):
     t = jnp.asarray(d[p + "t"])
     xt, ut = it.plan(t, nhwc(d[p + "x0"]), nhwc(d[p + "x1"]))
     (a, da), (s, ds) = it.alpha(t), it.sigma(t)
-    got = {"xt": nchw(xt), "ut": nchw(ut), "alpha_t": a, "d_alpha_t": da, "sigma_t": s,
-           "d_sigma_t": ds, "drift_var": it.drift_coefficients(t)[1]}
+    got = {
+        "xt": nchw(xt),
+        "ut": nchw(ut),
+        "alpha_t": a,
+        "d_alpha_t": da,
+        "sigma_t": s,
+        "d_sigma_t": ds,
+        "drift_var": it.drift_coefficients(t)[1],
+    }
     for key, value in got.items():
         assert_close(value, d[p + key], p + key)
 
@@ -108,8 +117,12 @@ def test_losses(ref):
         assert [t0, t1] == spec["t_interval"], name
         assert_close(jnp.asarray(d[p + "u"]) * (t1 - t0) + t0, d[p + "t"], p + "t from u")
         y = ints(d[p + "y"])
-        terms = it.training_losses(lambda x, t: model.apply(params, x, t, y), nhwc(d[p + "x1"]),
-                                   t=jnp.asarray(d[p + "t"]), noise=nhwc(d[p + "x0"]))
+        terms = it.training_losses(
+            lambda x, t: model.apply(params, x, t, y),
+            nhwc(d[p + "x1"]),
+            t=jnp.asarray(d[p + "t"]),
+            noise=nhwc(d[p + "x0"]),
+        )
         assert_close(nchw(terms["x_t"]), d[p + "xt"], p + "xt")
         assert_close(nchw(terms["pred"]), d[p + "pred"], p + "pred")
         assert_close(terms["weight"], d[p + "weight"], p + "weight")
@@ -125,8 +138,11 @@ def test_ode_fixed_grid(ref, method):
     it = transport(meta["sampler_transport"])
     fn, z, half = guided(model, params, d, name)
     assert_close(it.ode_grid(cfg["num_steps"]), d[name + "/t_grid"], name + " grid")
-    traj = jax.jit(lambda z: it.sample_ode(fn, z, method=method, num_steps=cfg["num_steps"],
-                                           return_trajectory=True))(z)
+    traj = jax.jit(
+        lambda z: it.sample_ode(
+            fn, z, method=method, num_steps=cfg["num_steps"], return_trajectory=True
+        )
+    )(z)
     assert_close(nchw(traj), d[name + "/trajectory"][:, :half], name + " trajectory")
     assert_close(nchw(traj[-1]), d[name + "/sample"][:half], name + " sample")
 
@@ -136,8 +152,11 @@ def test_ode_dopri5(ref):
     cfg = meta["samplers"]["ode_dopri5"]["sample_ode"]
     it = transport(meta["sampler_transport"])
     fn, z, half = guided(model, params, d, "ode_dopri5")
-    out = jax.jit(lambda z: it.sample_ode(fn, z, method="dopri5", num_steps=cfg["num_steps"],
-                                          atol=cfg["atol"], rtol=cfg["rtol"]))(z)
+    out = jax.jit(
+        lambda z: it.sample_ode(
+            fn, z, method="dopri5", num_steps=cfg["num_steps"], atol=cfg["atol"], rtol=cfg["rtol"]
+        )
+    )(z)
     assert_close(nchw(out), d["ode_dopri5/sample"][:half], "dopri5 sample", DOPRI5_TOL)
 
 
@@ -151,8 +170,11 @@ def test_sde(ref, name):
     assert_close(grid, d[name + "/t_grid"], name + " grid")
     noise = nhwc(d[name + "/step_noise"])[:, :half]
     method = cfg.pop("sampling_method")
-    traj = jax.jit(lambda z, n: it.sample_sde(fn, z, method=method, step_noise=n,
-                                              return_trajectory=True, **cfg))(z, noise)
+    traj = jax.jit(
+        lambda z, n: it.sample_sde(
+            fn, z, method=method, step_noise=n, return_trajectory=True, **cfg
+        )
+    )(z, noise)
     assert_close(nchw(traj), d[name + "/trajectory"][:, :half], name + " trajectory")
     assert_close(nchw(traj[-1]), d[name + "/sample"][:half], name + " sample")
 
@@ -161,8 +183,9 @@ def test_full_cfg_batch_as_reference(ref):
     """The reference's own batching (forward_with_cfg on cat([z, z])) reproduces both halves."""
     d, meta, model, params = ref
     y = ints(d["ode_euler/y"])
-    fn = lambda x, t: model.apply(params, x, t, y, float(d["ode_euler/cfg_scale"]),
-                                  method=models.DiT.forward_with_cfg)
+    fn = lambda x, t: model.apply(
+        params, x, t, y, float(d["ode_euler/cfg_scale"]), method=models.DiT.forward_with_cfg
+    )
     it = transport(meta["sampler_transport"])
     run = jax.jit(lambda z: it.sample_ode(fn, z, method="euler", num_steps=8))
     out = run(nhwc(d["ode_euler/z"]))
@@ -176,11 +199,19 @@ def test_singular_settings_raise():
     with pytest.raises(ValueError, match="non-finite"):
         it.sample_sde(fn, z, diffusion_form="SBDM", num_steps=4, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="non-finite"):
-        it.sample_sde(fn, z, method="Heun", diffusion_form="sigma", last_step=None, num_steps=4,
-                      key=jax.random.PRNGKey(0))
+        it.sample_sde(
+            fn,
+            z,
+            method="Heun",
+            diffusion_form="sigma",
+            last_step=None,
+            num_steps=4,
+            key=jax.random.PRNGKey(0),
+        )
     # Euler without a last step never reaches t = 1: fine, as in the reference.
-    out = it.sample_sde(fn, z, diffusion_form="sigma", last_step=None, num_steps=4,
-                        key=jax.random.PRNGKey(0))
+    out = it.sample_sde(
+        fn, z, diffusion_form="sigma", last_step=None, num_steps=4, key=jax.random.PRNGKey(0)
+    )
     assert np.isfinite(np.asarray(out)).all()
     with pytest.raises(ValueError, match="loss_weight"):
         interpolants.Interpolant("Linear", "velocity", "likelihood")
@@ -195,8 +226,11 @@ def test_ode_inversion_round_trip(ref, method, steps, tol):
     fn, z, _ = guided(model, params, d, "ode_euler")
     it = interpolants.Interpolant()
     kw = dict(method=method, num_steps=steps, atol=1e-6, rtol=1e-5)
-    image, back = jax.jit(lambda z: (lambda x: (x, it.sample_ode(fn, x, reverse=True, **kw)))(
-        it.sample_ode(fn, z, **kw)))(z)
+    image, back = jax.jit(
+        lambda z: (lambda x: (x, it.sample_ode(fn, x, reverse=True, **kw)))(
+            it.sample_ode(fn, z, **kw)
+        )
+    )(z)
     assert rel_err(image, z) > 0.1  # the flow moves the state: the round trip is not trivial
     assert_close(back, z, f"{method} round trip", tol)
 
@@ -209,15 +243,27 @@ def test_every_setting_runs(path, prediction):
     weight = None if prediction == "velocity" else "likelihood"
     it = interpolants.Interpolant(path, prediction, weight)
     x1 = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 2))
+
     def loss(a):
         return it.training_losses(lambda x, t: a * x, x1, jax.random.PRNGKey(1))["loss"].mean()
 
     value, grad = jax.value_and_grad(loss)(0.5)
     form = "sigma" if (prediction == "velocity" and path != "VP") else "SBDM"
     fn = lambda x, t: 0.5 * x
-    outs = [value, grad, it.sample_ode(fn, x1, method="heun2", num_steps=4),
-            it.sample_sde(fn, x1, method="Heun", diffusion_form=form, num_steps=4,
-                          last_step="Tweedie", key=jax.random.PRNGKey(2))]
+    outs = [
+        value,
+        grad,
+        it.sample_ode(fn, x1, method="heun2", num_steps=4),
+        it.sample_sde(
+            fn,
+            x1,
+            method="Heun",
+            diffusion_form=form,
+            num_steps=4,
+            last_step="Tweedie",
+            key=jax.random.PRNGKey(2),
+        ),
+    ]
     for out in outs:
         assert np.isfinite(np.asarray(out)).all()
     if (path, prediction) == ("VP", "noise"):

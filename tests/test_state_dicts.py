@@ -60,8 +60,11 @@ def _torch_like_zip(path, payload: bytes):
 @pytest.mark.parametrize("fn", [os.system, eval, exec, getattr(os, "remove")])
 def test_malicious_pickle_is_refused_without_running(tmp_path, fn):
     marker = tmp_path / "pwned"
-    arg = f"open({str(marker)!r}, 'w').write('x')" if fn in (eval, exec) else (
-        f"touch {marker}" if fn is os.system else str(marker))
+    arg = (
+        f"open({str(marker)!r}, 'w').write('x')"
+        if fn in (eval, exec)
+        else (f"touch {marker}" if fn is os.system else str(marker))
+    )
     if fn is os.remove:
         marker.write_text("keep me")
     path = tmp_path / "evil.pt"
@@ -112,21 +115,25 @@ def test_safetensors_round_trip_and_lies(tmp_path):
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     # claims more data than there is
-    header = raw[8:8 + n].replace(b'"shape":[2,3]', b'"shape":[4,3]')
-    assert header != raw[8:8 + n]
+    header = raw[8 : 8 + n].replace(b'"shape":[2,3]', b'"shape":[4,3]')
+    assert header != raw[8 : 8 + n]
     lying = tmp_path / "lying.safetensors"
-    lying.write_bytes(n.to_bytes(8, "little") + header + raw[8 + n:])
+    lying.write_bytes(n.to_bytes(8, "little") + header + raw[8 + n :])
     with pytest.raises(state_dicts.CheckpointError, match=r"lying.safetensors: tensor 'a' claims"):
         state_dicts.read_safetensors(lying)
     huge = tmp_path / "huge.safetensors"
-    huge.write_bytes((10 ** 9).to_bytes(8, "little") + b"{}")
+    huge.write_bytes((10**9).to_bytes(8, "little") + b"{}")
     with pytest.raises(state_dicts.CheckpointError, match="header claims"):
         state_dicts.read_state_dict(huge)
 
 
 def test_safetensors_bfloat16_and_other_dtypes(tmp_path):
-    tensors = {"bf16": np.arange(5).astype(ml_dtypes.bfloat16), "i64": np.arange(3, dtype=np.int64),
-               "flag": np.array([True, False]), "scalar": np.float32(2.5).reshape(())}
+    tensors = {
+        "bf16": np.arange(5).astype(ml_dtypes.bfloat16),
+        "i64": np.arange(3, dtype=np.int64),
+        "flag": np.array([True, False]),
+        "scalar": np.float32(2.5).reshape(()),
+    }
     path = tmp_path / "dtypes.safetensors"
     state_dicts.write_safetensors(path, tensors)
     back = state_dicts.read_state_dict(path)

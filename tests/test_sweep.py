@@ -26,22 +26,48 @@ def run_cli(module, capsys, *args):
 # Sweep
 # ----------------------------------------------------------------------------------------
 
+
 def test_default_sweep_is_the_twelve_models(tmp_path, capsys):
-    code, out, err = run_cli(sweep, capsys, f"--root={tmp_path}", "--local", "--dry_run", "--set",
-                             "num_train_steps=400000")
+    code, out, err = run_cli(
+        sweep,
+        capsys,
+        f"--root={tmp_path}",
+        "--local",
+        "--dry_run",
+        "--set",
+        "num_train_steps=400000",
+    )
     assert code == 0, err
     names = [r.name for r in sweep.model_runs(sweep.MODELS)]
-    assert names == ["S-2", "S-4", "S-8", "B-2", "B-4", "B-8", "L-2", "L-4", "L-8", "XL-2", "XL-4", "XL-8"]
+    assert names == [
+        "S-2",
+        "S-4",
+        "S-8",
+        "B-2",
+        "B-4",
+        "B-8",
+        "L-2",
+        "L-4",
+        "L-8",
+        "XL-2",
+        "XL-4",
+        "XL-8",
+    ]
     assert "12 run(s), 0 done, 12 to run" in out
-    assert (f"-m dit_jax.main --config=configs/default.py --workdir={tmp_path}/XL-8 --config.model.name=DiT-XL/8 "
-            f"--config.num_train_steps=400000") in out
+    assert (
+        f"-m dit_jax.main --config=configs/default.py --workdir={tmp_path}/XL-8 --config.model.name=DiT-XL/8 "
+        f"--config.num_train_steps=400000"
+    ) in out
 
 
 def test_grid_runs_on_a_custom_base_config():
     runs = sweep.grid_runs(["model.hidden_size=64,128", "model.patch_size=2,4", "model.depth=3"])
     assert [r.name for r in runs] == ["w64-p2-d3", "w64-p4-d3", "w128-p2-d3", "w128-p4-d3"]
-    assert runs[1].overrides == ["--config.model.hidden_size=64", "--config.model.patch_size=4",
-                                 "--config.model.depth=3"]
+    assert runs[1].overrides == [
+        "--config.model.hidden_size=64",
+        "--config.model.patch_size=4",
+        "--config.model.depth=3",
+    ]
 
 
 def fake_finished(workdir, steps, target=None, marker=False):
@@ -59,12 +85,18 @@ def test_resumability_states(tmp_path):
     assert sweep.run_state(w, [])[0] == "new"
     fake_finished(w, [100, 200], target=300)
     assert sweep.run_state(w, []) == ("resume", {"step": 200, "target": 300})
-    assert sweep.run_state(w, ["--config.num_train_steps=200"])[0] == "done"  # the override sets the budget
-    os.makedirs(os.path.join(w, "checkpoints", "300.orbax-checkpoint-tmp-1"))  # a save in progress is not a step
+    assert (
+        sweep.run_state(w, ["--config.num_train_steps=200"])[0] == "done"
+    )  # the override sets the budget
+    os.makedirs(
+        os.path.join(w, "checkpoints", "300.orbax-checkpoint-tmp-1")
+    )  # a save in progress is not a step
     assert sweep.run_state(w, [])[0] == "resume"
     fake_finished(w, [300])
     assert sweep.run_state(w, []) == ("done", {"step": 300, "target": 300})
-    assert sweep.run_state(w, ["--config.num_train_steps=600"])[0] == "resume"  # a larger budget goes on
+    assert (
+        sweep.run_state(w, ["--config.num_train_steps=600"])[0] == "resume"
+    )  # a larger budget goes on
 
 
 def test_sweep_skips_finished_runs(tmp_path, capsys):
@@ -72,11 +104,22 @@ def test_sweep_skips_finished_runs(tmp_path, capsys):
     fake_finished(str(root / "S-2"), [1000], target=1000)
     fake_finished(str(root / "S-4"), [500], target=1000)
     fake_finished(str(root / "B-2"), [400], marker=True)
-    code, out, err = run_cli(sweep, capsys, f"--root={root}", "--models=S/2,S/4,B/2,B/4", "--local", "--dry_run",
-                             "--set", "num_train_steps=1000")
+    code, out, err = run_cli(
+        sweep,
+        capsys,
+        f"--root={root}",
+        "--models=S/2,S/4,B/2,B/4",
+        "--local",
+        "--dry_run",
+        "--set",
+        "num_train_steps=1000",
+    )
     assert code == 0, err
     assert "4 run(s), 1 done, 3 to run" in out
-    assert "S-2          done (step 1000)" in out and "S-4          resume from step 500 of 1000" in out
+    assert (
+        "S-2          done (step 1000)" in out
+        and "S-4          resume from step 500 of 1000" in out
+    )
     assert "--workdir=" + str(root / "S-2") not in out and "--workdir=" + str(root / "S-4") in out
     assert "B-2          resume from step 400" in out  # its marker is for a smaller budget
 
@@ -99,8 +142,18 @@ def test_local_sweep_runs_in_sequence_then_skips(tmp_path, capsys):
     fake.write_text(FAKE_TRAIN.format(python=sys.executable))
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     root = tmp_path / "toy"
-    args = [f"--root={root}", "--config=configs/demo.py", "--local", f"--python={fake}",
-            "--grid", "model.hidden_size=8,16", "--grid", "model.patch_size=4", "--set", "num_train_steps=20"]
+    args = [
+        f"--root={root}",
+        "--config=configs/demo.py",
+        "--local",
+        f"--python={fake}",
+        "--grid",
+        "model.hidden_size=8,16",
+        "--grid",
+        "model.patch_size=4",
+        "--set",
+        "num_train_steps=20",
+    ]
     code, out, err = run_cli(sweep, capsys, *args)
     assert code == 1 and "run w8-p4 failed" in err
     code, out, err = run_cli(sweep, capsys, *args, "--keep_going")
@@ -110,29 +163,62 @@ def test_local_sweep_runs_in_sequence_then_skips(tmp_path, capsys):
     calls = (tmp_path / "calls.log").read_text().split()
     assert calls == ["w8-p4", "w8-p4", "w16-p4"]
     run_cli(sweep, capsys, *args, "--keep_going")
-    assert (tmp_path / "calls.log").read_text().split() == calls + ["w8-p4"]  # w16-p4 is done: not rerun
+    assert (tmp_path / "calls.log").read_text().split() == calls + [
+        "w8-p4"
+    ]  # w16-p4 is done: not rerun
 
 
 def test_sweep_user_errors(tmp_path, capsys):
-    for args, message in (([f"--root={tmp_path}", "--dry_run"], "--local"),
-                          (["--local"], "--root is required"),
-                          ([f"--root={tmp_path}", "--local", "--models=S/3"], "unknown model"),
-                          ([f"--root={tmp_path}", "--local", "--grid=model.depth"], "KEY=V1,V2"),
-                          (["--root=gs://bkt/sweep", "--launcher=tpu", "--accelerator=v4-8"], "--name is required"),
-                          ([f"--root={tmp_path}", "--launcher=tpu", "--name=t", "--accelerator=v4-64"], "several hosts")):
+    for args, message in (
+        ([f"--root={tmp_path}", "--dry_run"], "--local"),
+        (["--local"], "--root is required"),
+        ([f"--root={tmp_path}", "--local", "--models=S/3"], "unknown model"),
+        ([f"--root={tmp_path}", "--local", "--grid=model.depth"], "KEY=V1,V2"),
+        (["--root=gs://bkt/sweep", "--launcher=tpu", "--accelerator=v4-8"], "--name is required"),
+        (
+            [f"--root={tmp_path}", "--launcher=tpu", "--name=t", "--accelerator=v4-64"],
+            "several hosts",
+        ),
+    ):
         code, _, err = run_cli(sweep, capsys, *args)
         assert code == 1 and len(err.strip().splitlines()) == 1 and message in err, (args, err)
 
 
 def test_sweep_through_launchers(capsys):
-    code, out, err = run_cli(sweep, capsys, "--root=gs://bkt/sweep", "--models=S/2,B/2", "--launcher=slurm",
-                             "--nodes=2", "--partition=gpu", "--dry_run", "--set", "num_train_steps=1000")
+    code, out, err = run_cli(
+        sweep,
+        capsys,
+        "--root=gs://bkt/sweep",
+        "--models=S/2,B/2",
+        "--launcher=slurm",
+        "--nodes=2",
+        "--partition=gpu",
+        "--dry_run",
+        "--set",
+        "num_train_steps=1000",
+    )
     assert code == 0, err
-    assert "# slurm/dit-S-2.sbatch" in out and "#SBATCH --job-name=dit-B-2" in out and "#SBATCH --nodes=2" in out
-    assert ("srun --kill-on-bad-exit=1 python -m dit_jax.main --config=configs/default.py "
-            "--workdir=gs://bkt/sweep/B-2 --config.model.name=DiT-B/2 --config.num_train_steps=1000") in out
-    code, out, err = run_cli(sweep, capsys, "--root=gs://bkt/sweep", "--models=L/4", "--launcher=tpu", "--name=pod",
-                             "--zone=z", "--accelerator=v4-32", "--dry_run", "--no_preflight")
+    assert (
+        "# slurm/dit-S-2.sbatch" in out
+        and "#SBATCH --job-name=dit-B-2" in out
+        and "#SBATCH --nodes=2" in out
+    )
+    assert (
+        "srun --kill-on-bad-exit=1 python -m dit_jax.main --config=configs/default.py "
+        "--workdir=gs://bkt/sweep/B-2 --config.model.name=DiT-B/2 --config.num_train_steps=1000"
+    ) in out
+    code, out, err = run_cli(
+        sweep,
+        capsys,
+        "--root=gs://bkt/sweep",
+        "--models=L/4",
+        "--launcher=tpu",
+        "--name=pod",
+        "--zone=z",
+        "--accelerator=v4-32",
+        "--dry_run",
+        "--no_preflight",
+    )
     assert code == 0, err
     assert "tpu-vm ssh pod --zone=z --worker=all" in out and "--workdir=gs://bkt/sweep/L-4" in out
     assert "tee -a ~/dit_jax_logs/L-4.log" in out
@@ -142,9 +228,11 @@ def test_sweep_through_launchers(capsys):
 # Report
 # ----------------------------------------------------------------------------------------
 
+
 def demo_config(width: int, patch: int) -> dict:
     sys.path.insert(0, str(REPO))
     from configs import demo
+
     c = demo.get_config()
     c.model.depth, c.model.hidden_size, c.model.num_heads, c.model.patch_size = 2, width, 2, patch
     c.data.dir = "/nonexistent/dataset"  # not on this machine: the shape comes from the config
@@ -158,14 +246,21 @@ def fake_run(root, name, width, patch, fd, extra_metric_file=True):
     (d / "config.json").write_text(json.dumps(demo_config(width, patch)))
     with open(d / "metrics.jsonl", "w") as f:
         for step in (100, 200, 300):
-            f.write(json.dumps({"step": step, "loss": 1.0 / step * width, "mse": 0.1, "steps_per_sec": 10.0}) + "\n")
+            f.write(
+                json.dumps(
+                    {"step": step, "loss": 1.0 / step * width, "mse": 0.1, "steps_per_sec": 10.0}
+                )
+                + "\n"
+            )
         f.write('{"step": 400, "lo')  # a run still writing
     evals = [{"step": s, "fd_digits": v} for s, v in zip((100, 300), fd)]
     target = d / ("eval.jsonl" if extra_metric_file else "metrics.jsonl")
     with open(target, "a") as f:
         f.write("\n" + "\n".join(json.dumps(e) for e in evals) + "\n")
     for step in (100, 300):
-        Image.fromarray(np.full((20, 20), step // 2, np.uint8)).save(d / "samples" / f"step_{step:08d}.png")
+        Image.fromarray(np.full((20, 20), step // 2, np.uint8)).save(
+            d / "samples" / f"step_{step:08d}.png"
+        )
 
 
 def test_report_table_and_plots(tmp_path, capsys):
@@ -183,7 +278,11 @@ def test_report_table_and_plots(tmp_path, capsys):
     g = [float(r["gflops"]) for r in rows]
     assert g[0] < g[1] < g[2]
     w32p2 = rows[2]
-    assert w32p2["model"] == "d2-w32-h2-p2" and int(w32p2["tokens"]) == 64 and int(w32p2["batch_size"]) == 64
+    assert (
+        w32p2["model"] == "d2-w32-h2-p2"
+        and int(w32p2["tokens"]) == 64
+        and int(w32p2["batch_size"]) == 64
+    )
     assert int(w32p2["patch"]) == 2
     assert int(w32p2["steps"]) == 300 and float(w32p2["final_loss"]) == pytest.approx(32 / 300)
     assert float(w32p2["train_compute_gflop"]) == pytest.approx(g[2] * 64 * 300 * 3)
@@ -191,8 +290,18 @@ def test_report_table_and_plots(tmp_path, capsys):
     assert float(w32p2["train_minutes"]) == pytest.approx(300 / 10 / 60)
     assert float(rows[0]["fd_digits_final"]) == 30.0
     md = (out / "scaling.md").read_text()
-    assert "| w32-p2 | d2-w32-h2-p2 | 0.0845 | 0.002205 | 64 | 2 | 64 | 300 |" in md and "Spearman rank correlation of Gflops and final fd_digits: -1.00 (-1: fd_digits falls" in md
-    for name in ("loss_vs_steps", "fd_digits_vs_steps", "fd_digits_vs_gflops", "fd_digits_vs_compute", "samples"):
+    assert (
+        "| w32-p2 | d2-w32-h2-p2 | 0.0845 | 0.002205 | 64 | 2 | 64 | 300 |" in md
+        and "Spearman rank correlation of Gflops and final fd_digits: -1.00 (-1: fd_digits falls"
+        in md
+    )
+    for name in (
+        "loss_vs_steps",
+        "fd_digits_vs_steps",
+        "fd_digits_vs_gflops",
+        "fd_digits_vs_compute",
+        "samples",
+    ):
         path = out / f"{name}.png"
         assert path.is_file() and Image.open(path).size[0] > 100, name
     assert "fd_digits_vs_gflops" in stdout
@@ -211,10 +320,12 @@ def test_report_picks_fid_and_takes_any_metric(tmp_path, capsys):
 
 
 def test_report_user_errors(tmp_path, capsys):
-    for args, message in ((["--out=x"], "--root is required"),
-                          ([f"--root={tmp_path / 'nope'}"], "not a directory"),
-                          ([f"--root={tmp_path}"], "no runs under"),
-                          ([f"--root={tmp_path}", "--out=gs://bkt/report"], "must be a local directory")):
+    for args, message in (
+        (["--out=x"], "--root is required"),
+        ([f"--root={tmp_path / 'nope'}"], "not a directory"),
+        ([f"--root={tmp_path}"], "no runs under"),
+        ([f"--root={tmp_path}", "--out=gs://bkt/report"], "must be a local directory"),
+    ):
         code, _, err = run_cli(report, capsys, *args)
         assert code == 1 and len(err.strip().splitlines()) == 1 and message in err, (args, err)
 
@@ -229,23 +340,33 @@ def test_spearman():
 # Toy study: checkpoints scored once each, results in eval.jsonl
 # ----------------------------------------------------------------------------------------
 
+
 def test_toy_evaluation_scores_each_checkpoint_once(tmp_path, monkeypatch):
     from launch import toy_sweep
+
     w = tmp_path / "w32-p4"
     fake_finished(str(w), [100, 200])
     sampled = []
 
     def fake_sample(workdir, step, per_class, **kwargs):
         sampled.append(step)
-        return np.zeros((10 * per_class, 16, 16, 1), np.float32), np.repeat(np.arange(10), per_class)
+        return np.zeros((10 * per_class, 16, 16, 1), np.float32), np.repeat(
+            np.arange(10), per_class
+        )
 
     class FakeEvaluator:
         def score(self, images, labels):
             return {"fd_digits": float(len(images)), "digit_accuracy": 0.5}
 
     monkeypatch.setattr(toy_sweep, "sample_checkpoint", fake_sample)
-    new = toy_sweep.evaluate_run(str(w), FakeEvaluator(), 3, sampler="ddim", steps=5, log=lambda *_: None)
-    assert [r["step"] for r in new] == [100, 200] and new[0]["fd_digits"] == 30.0 and new[0]["eval_samples"] == 30
+    new = toy_sweep.evaluate_run(
+        str(w), FakeEvaluator(), 3, sampler="ddim", steps=5, log=lambda *_: None
+    )
+    assert (
+        [r["step"] for r in new] == [100, 200]
+        and new[0]["fd_digits"] == 30.0
+        and new[0]["eval_samples"] == 30
+    )
     fake_finished(str(w), [300])
     toy_sweep.evaluate_run(str(w), FakeEvaluator(), 3, sampler="ddim", steps=5, log=lambda *_: None)
     assert sampled == [100, 200, 300]
@@ -254,11 +375,18 @@ def test_toy_evaluation_scores_each_checkpoint_once(tmp_path, monkeypatch):
 
 def test_toy_sweep_plan(tmp_path, capsys):
     from launch import toy_sweep
-    code, out, err = run_cli(toy_sweep, capsys, f"--root={tmp_path}", "--dry_run", "--steps=1000", "--evals=4")
+
+    code, out, err = run_cli(
+        toy_sweep, capsys, f"--root={tmp_path}", "--dry_run", "--steps=1000", "--evals=4"
+    )
     assert code == 0, err
     assert "6 run(s), 0 done, 6 to run" in out
-    assert ("--config=configs/demo.py --workdir=" + str(tmp_path / "w128-p2") + " --config.model.hidden_size=128 "
-            "--config.model.patch_size=2 --config.model.depth=4 --config.num_train_steps=1000 "
-            "--config.checkpoint_every_steps=250 --config.keep_checkpoints=5") in out
+    assert (
+        "--config=configs/demo.py --workdir="
+        + str(tmp_path / "w128-p2")
+        + " --config.model.hidden_size=128 "
+        "--config.model.patch_size=2 --config.model.depth=4 --config.num_train_steps=1000 "
+        "--config.checkpoint_every_steps=250 --config.keep_checkpoints=5"
+    ) in out
     code, _, err = run_cli(toy_sweep, capsys, f"--root={tmp_path}", "--steps=1000", "--evals=3")
     assert code == 1 and "multiple of --evals" in err

@@ -33,7 +33,9 @@ def tiny_config(**overrides):
     c.checkpoint_every_steps = 100
     c.sample.every_steps = 0
     c.optimizer.warmup_steps = 0
-    c.optimizer.schedule = "constant"  # a cosine schedule depends on num_train_steps, which the resume test changes
+    c.optimizer.schedule = (
+        "constant"  # a cosine schedule depends on num_train_steps, which the resume test changes
+    )
     c.ema_decay = 0.9
     for key, value in overrides.items():
         node = c
@@ -53,29 +55,34 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))]
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"batch_size": 12}, "not divisible by the 8 devices"),
-    ({"model.name": "XXL/2"}, "Unknown model name"),
-    ({"data.dir": "/nonexistent/latents"}, "does not exist"),
-    ({"data.image_size": 256}, "must be in \\[8, 32\\]"),
-    ({"data.dir": "EMBEDDED_16PX", "data.image_size": 28}, "does not match the dataset"),
-    ({"model.patch_size": 3}, "does not divide"),
-    ({"checkpoint_every_steps": 0}, "checkpoint_every_steps must be positive"),
-    ({"keep_checkpoints": 0}, "keep_checkpoints must be positive"),
-    ({"model.dtype": "float99"}, "is not a dtype"),
-    ({"sample.every_steps": 10, "sample.classes": (3, 10)}, "must lie in \\[0, 9\\]"),
-    ({"objective": "flow"}, "config.objective must be one of"),
-    ({"objective": "interpolant", "interpolant.path": "Cosine"}, "path"),
-    ({"objective": "interpolant"}, "config.sample.sampler must be one of .*euler"),
-    ({"sample.sampler": "euler"}, "config.sample.sampler must be one of .*ddpm"),
-    ({"eval.guidance_interval": (1, 2, 3)}, "guidance_interval must be"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"batch_size": 12}, "not divisible by the 8 devices"),
+        ({"model.name": "XXL/2"}, "Unknown model name"),
+        ({"data.dir": "/nonexistent/latents"}, "does not exist"),
+        ({"data.image_size": 256}, "must be in \\[8, 32\\]"),
+        ({"data.dir": "EMBEDDED_16PX", "data.image_size": 28}, "does not match the dataset"),
+        ({"model.patch_size": 3}, "does not divide"),
+        ({"checkpoint_every_steps": 0}, "checkpoint_every_steps must be positive"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints must be positive"),
+        ({"model.dtype": "float99"}, "is not a dtype"),
+        ({"sample.every_steps": 10, "sample.classes": (3, 10)}, "must lie in \\[0, 9\\]"),
+        ({"objective": "flow"}, "config.objective must be one of"),
+        ({"objective": "interpolant", "interpolant.path": "Cosine"}, "path"),
+        ({"objective": "interpolant"}, "config.sample.sampler must be one of .*euler"),
+        ({"sample.sampler": "euler"}, "config.sample.sampler must be one of .*ddpm"),
+        ({"eval.guidance_interval": (1, 2, 3)}, "guidance_interval must be"),
+    ],
+)
 def test_invalid_configs_fail_before_compiling(tmp_path, override, message):
     if override.get("data.dir") == "EMBEDDED_16PX":  # a real dataset at another resolution
         override = {**override, "data.dir": workdir_lib.dataset_dir(tiny_config())}
     config = tiny_config(**override)
     if "model.name" in override:
-        config.model.depth = config.model.hidden_size = config.model.num_heads = config.model.patch_size = None
+        config.model.depth = config.model.hidden_size = config.model.num_heads = (
+            config.model.patch_size
+        ) = None
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(config, str(tmp_path / "w"))
     assert not os.path.isdir(tmp_path / "w" / "checkpoints")
@@ -87,15 +94,19 @@ def test_resume_is_bit_exact(tmp_path):
     assert train.train_and_evaluate(tiny_config(num_train_steps=3), split) is not None
     resumed = train.train_and_evaluate(tiny_config(num_train_steps=6), split)
     assert int(resumed.step) == 6
-    for a, b in zip(leaves(full.params) + leaves(full.ema_params) + leaves(full.opt_state),
-                    leaves(resumed.params) + leaves(resumed.ema_params) + leaves(resumed.opt_state)):
+    for a, b in zip(
+        leaves(full.params) + leaves(full.ema_params) + leaves(full.opt_state),
+        leaves(resumed.params) + leaves(resumed.ema_params) + leaves(resumed.opt_state),
+    ):
         np.testing.assert_array_equal(a, b)
     assert losses(tmp_path / "full") == losses(split)  # steps 1-3, then 4-6 after the resume
 
 
 def test_eight_devices_follow_one_device(tmp_path):
     one = train.train_and_evaluate(tiny_config(**{"mesh.num_devices": 1}), str(tmp_path / "one"))
-    eight = train.train_and_evaluate(tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2}), str(tmp_path / "eight"))
+    eight = train.train_and_evaluate(
+        tiny_config(**{"mesh.data": 4, "mesh.fsdp": 2}), str(tmp_path / "eight")
+    )
     np.testing.assert_allclose(losses(tmp_path / "one"), losses(tmp_path / "eight"), rtol=2e-5)
     for a, b in zip(leaves(one.params), leaves(eight.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -108,8 +119,10 @@ def test_initialise_from_a_converted_checkpoint(tmp_path):
     meta = {"latent_shape": [16, 16, 1], "num_classes": 10}
     model = workdir_lib.model_for_dataset(config, meta)
     rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.05,
-                                    models.abstract_params(model))
+    params = jax.tree_util.tree_map(
+        lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.05,
+        models.abstract_params(model),
+    )
     path = tmp_path / "init.npz"
     np.savez(path, **param_mapping.state_dict_from_dit_params(params, model.patch_size))
     config.model.init_checkpoint = str(path)
@@ -119,11 +132,27 @@ def test_initialise_from_a_converted_checkpoint(tmp_path):
 
 
 def test_learning_rate_schedules():
-    const = train.lr_schedule(tiny_config(**{"optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 10}))
-    assert float(const(0)) == 0.0 and float(const(5)) == pytest.approx(5e-4) and float(const(500)) == pytest.approx(1e-3)
-    cos = train.lr_schedule(tiny_config(**{"optimizer.learning_rate": 1e-3, "optimizer.schedule": "cosine",
-                                           "num_train_steps": 110, "optimizer.warmup_steps": 10}))
-    assert float(cos(10)) == pytest.approx(1e-3) and float(cos(110)) == pytest.approx(1e-4, rel=1e-4)
+    const = train.lr_schedule(
+        tiny_config(**{"optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 10})
+    )
+    assert (
+        float(const(0)) == 0.0
+        and float(const(5)) == pytest.approx(5e-4)
+        and float(const(500)) == pytest.approx(1e-3)
+    )
+    cos = train.lr_schedule(
+        tiny_config(
+            **{
+                "optimizer.learning_rate": 1e-3,
+                "optimizer.schedule": "cosine",
+                "num_train_steps": 110,
+                "optimizer.warmup_steps": 10,
+            }
+        )
+    )
+    assert float(cos(10)) == pytest.approx(1e-3) and float(cos(110)) == pytest.approx(
+        1e-4, rel=1e-4
+    )
     assert float(cos(60)) == pytest.approx(1e-4 + 0.9e-3 * 0.5, rel=1e-4)
     with pytest.raises(ValueError, match="schedule"):
         train.lr_schedule(tiny_config(**{"optimizer.schedule": "step"}))
@@ -137,8 +166,10 @@ def test_interpolant_run_trains_resumes_exactly_and_samples(tmp_path):
     split = str(tmp_path / "split")
     train.train_and_evaluate(tiny_config(num_train_steps=2, **flow), split)
     resumed = train.train_and_evaluate(tiny_config(num_train_steps=4, **flow), split)
-    for a, b in zip(leaves(full.params) + leaves(full.opt_state),
-                    leaves(resumed.params) + leaves(resumed.opt_state)):
+    for a, b in zip(
+        leaves(full.params) + leaves(full.opt_state),
+        leaves(resumed.params) + leaves(resumed.opt_state),
+    ):
         np.testing.assert_array_equal(a, b)
     assert losses(tmp_path / "full") == losses(split)
     with open(os.path.join(split, "metrics.jsonl")) as f:
@@ -146,28 +177,44 @@ def test_interpolant_run_trains_resumes_exactly_and_samples(tmp_path):
     g = sampling.generator_from_workdir(split)
     assert g.interpolant is not None and g.interpolant.path == "Linear"
     labels = jax.numpy.arange(4, dtype=jax.numpy.int32)
-    outs = [sampling.sample_latents(g.model, g.params, labels, jax.random.key(0), sampler=name,
-                                    steps=4, cfg_scale=2.0, **g.schedule)
-            for name in sampling.FLOW_SAMPLERS]
+    outs = [
+        sampling.sample_latents(
+            g.model,
+            g.params,
+            labels,
+            jax.random.key(0),
+            sampler=name,
+            steps=4,
+            cfg_scale=2.0,
+            **g.schedule,
+        )
+        for name in sampling.FLOW_SAMPLERS
+    ]
     for out in outs:
         assert out.shape == (4, 16, 16, 1) and np.isfinite(np.asarray(out)).all()
     assert not np.allclose(outs[0], outs[1])  # euler and heun differ
     with pytest.raises(ValueError, match="for an interpolant model"):
-        sampling.sample_latents(g.model, g.params, labels, jax.random.key(0), sampler="ddpm",
-                                **g.schedule)
-    noise, recon = sampling.invert_latents(g.model, g.params, outs[1], labels, steps=8,
-                                           **g.schedule)
+        sampling.sample_latents(
+            g.model, g.params, labels, jax.random.key(0), sampler="ddpm", **g.schedule
+        )
+    noise, recon = sampling.invert_latents(
+        g.model, g.params, outs[1], labels, steps=8, **g.schedule
+    )
     np.testing.assert_allclose(np.asarray(recon), np.asarray(outs[1]), atol=1e-3)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py")
-                                        if p.stem != "__init__"))
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
+)
 def test_every_config_file_is_valid(name):
     """Each config (the 12 DiTs, the 12 SiTs, the demos, the bases) passes the checks made
     before training, on a dataset of its own resolution."""
     config = __import__(f"configs.{name}", fromlist=["get_config"]).get_config()
     size = config.data.image_size
-    meta = {"image_size": size, "num_classes": 10 if config.data.dir == "embedded" else 1000,
-            "latent_shape": [size // 8, size // 8, 4]}
+    meta = {
+        "image_size": size,
+        "num_classes": 10 if config.data.dir == "embedded" else 1000,
+        "latent_shape": [size // 8, size // 8, 4],
+    }
     train.validate_config(config, meta, num_devices=1)
     assert config.objective in train.OBJECTIVES

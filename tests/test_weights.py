@@ -7,17 +7,23 @@ import pytest
 
 from dit_jax import models, param_mapping, state_dicts, weights
 
-TINY = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+TINY = dict(
+    input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10
+)
 
 
 def test_import_gives_a_working_model(data_dir):
     model = models.DiT(**TINY)
     params = weights.load_dit_params(str(data_dir / "dit_tiny_train.pt"), model)
     sd = state_dicts.read_state_dict(data_dir / "dit_tiny_train.pt")
-    np.testing.assert_array_equal(params["blocks_0"]["attn"]["qkv"]["kernel"], sd["blocks.0.attn.qkv.weight"].T)
+    np.testing.assert_array_equal(
+        params["blocks_0"]["attn"]["qkv"]["kernel"], sd["blocks.0.attn.qkv.weight"].T
+    )
     # the patch embedding conv [D, C, p, q] becomes a [p*q*C, D] linear in (p, q, c) order
     w = sd["x_embedder.proj.weight"]
-    np.testing.assert_array_equal(params["x_embedder"]["kernel"][(1 * 2 + 0) * 4 + 3], w[:, 3, 1, 0])
+    np.testing.assert_array_equal(
+        params["x_embedder"]["kernel"][(1 * 2 + 0) * 4 + 3], w[:, 3, 1, 0]
+    )
     x = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
     out = jax.jit(model.apply)({"params": params}, x, np.array([3, 500]), np.array([1, 10]))
     assert out.shape == (2, 4, 4, 8) and np.isfinite(out).all() and np.abs(out).max() > 0
@@ -45,7 +51,11 @@ def test_wrong_model_name_says_which_fits():
     the tensors are broadcast views)."""
     xl = models.create_model("XL/2")
     shapes = param_mapping.state_dict_from_dit_params(
-        jax.tree_util.tree_map(lambda s: np.broadcast_to(np.float32(0), s.shape), models.abstract_params(xl)), 2)
+        jax.tree_util.tree_map(
+            lambda s: np.broadcast_to(np.float32(0), s.shape), models.abstract_params(xl)
+        ),
+        2,
+    )
     with pytest.raises(state_dicts.CheckpointError, match=r"model name DiT-XL/2"):
         param_mapping.dit_params_from_state_dict(shapes, models.create_model("S/2"))
 
@@ -59,7 +69,9 @@ def test_orbax_round_trip(tmp_path, data_dir):
     assert config == TINY
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(weights.load_dit_params(str(out), model)["pos_embed"], params["pos_embed"])
+    np.testing.assert_array_equal(
+        weights.load_dit_params(str(out), model)["pos_embed"], params["pos_embed"]
+    )
     with pytest.raises(state_dicts.CheckpointError, match="already exists"):
         weights.save_params(str(out), params, dict(TINY))
     with pytest.raises(state_dicts.CheckpointError, match="do not fit the model"):

@@ -23,7 +23,9 @@ class LatentDataset(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Posterior mean/logvar of image and flip, float16."}
 
-    def __init__(self, *, source: str, autoencoder: str, image_size: int, batch_size: int = 64, **kwargs):
+    def __init__(
+        self, *, source: str, autoencoder: str, image_size: int, batch_size: int = 64, **kwargs
+    ):
         self._source_spec, self._image_size, self._batch_size = source, image_size, batch_size
         self._source = sources.open_source(source)
         self._autoencoder = autoencoder_lib.load_autoencoder(autoencoder)
@@ -34,9 +36,11 @@ class LatentDataset(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"Latents of {self._source_spec} at {self._image_size}px via {self._autoencoder.spec}.",
-            features=latents.latent_features(self._autoencoder.latent_shape(self._image_size),
-                                             self._source.class_names),
-            supervised_keys=None)
+            features=latents.latent_features(
+                self._autoencoder.latent_shape(self._image_size), self._source.class_names
+            ),
+            supervised_keys=None,
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
@@ -44,5 +48,9 @@ class LatentDataset(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self):
         for unit in self._source.units():
-            yield from latents.encode_examples(self._source.examples(unit), self._autoencoder, self._image_size,
-                                               batch_size=self._batch_size)
+            yield from latents.encode_examples(
+                self._source.examples(unit),
+                self._autoencoder,
+                self._image_size,
+                batch_size=self._batch_size,
+            )

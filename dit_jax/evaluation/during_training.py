@@ -32,8 +32,9 @@ FEATURES = ("inception", "digits")
 METRIC_NAMES = {"inception": "fid", "digits": "fd_digits"}
 
 
-def feature_function(kind: str, image_size: int, *, inception_weights: str = "", batch_size: int = 200
-                     ) -> Callable[[np.ndarray], np.ndarray]:
+def feature_function(
+    kind: str, image_size: int, *, inception_weights: str = "", batch_size: int = 200
+) -> Callable[[np.ndarray], np.ndarray]:
     """uint8 images [N, S, S, C] -> features [N, D] float32 for the named feature network."""
     if kind == "inception":
         extractor = inception.load_inception(inception_weights or None, batch_size=batch_size)
@@ -43,10 +44,13 @@ def feature_function(kind: str, image_size: int, *, inception_weights: str = "",
             if images.shape[-1] == 1:
                 images = np.repeat(images, 3, axis=-1)
             return extractor(images)["pool"]
+
         return inception_features
     if kind == "digits":
         params, _ = digits.cached_classifier(image_size)
-        return lambda images: digits.features(params, np.asarray(images, np.float32) / 127.5 - 1.0, image_size)
+        return lambda images: digits.features(
+            params, np.asarray(images, np.float32) / 127.5 - 1.0, image_size
+        )
     raise ValueError(f"config.eval.features must be one of {FEATURES}, got {kind!r}.")
 
 
@@ -61,7 +65,9 @@ class FidDuringTraining:
         if e.num_samples < 2:
             raise ValueError(f"config.eval.num_samples must be at least 2, got {e.num_samples}.")
         if e.reference and e.features != "inception":
-            raise ValueError("config.eval.reference holds Inception statistics; use it with features='inception'.")
+            raise ValueError(
+                "config.eval.reference holds Inception statistics; use it with features='inception'."
+            )
         if e.reference and not os.path.isfile(e.reference):
             raise ValueError(f"config.eval.reference {e.reference} does not exist.")
         self.config, self.model, self.meta = config, model, meta
@@ -82,8 +88,9 @@ class FidDuringTraining:
     def features(self, images: np.ndarray) -> np.ndarray:
         if self._features is None:
             e = self.config.eval
-            self._features = feature_function(e.features, self.meta["image_size"],
-                                              inception_weights=e.inception_weights)
+            self._features = feature_function(
+                e.features, self.meta["image_size"], inception_weights=e.inception_weights
+            )
         return self._features(images)
 
     def reference(self) -> metrics.FeatureStatistics:
@@ -93,8 +100,10 @@ class FidDuringTraining:
         if e.reference:
             batch = metrics.read_reference_batch(e.reference)
             if batch.stats is None:
-                raise ValueError(f"{e.reference} has no precomputed statistics (mu, sigma); write them with "
-                                 "python -m dit_jax.evaluate --make_reference.")
+                raise ValueError(
+                    f"{e.reference} has no precomputed statistics (mu, sigma); write them with "
+                    "python -m dit_jax.evaluate --make_reference."
+                )
             self._reference = batch.stats
             return self._reference
         cache = os.path.join(self.workdir, f"fid_reference_{e.features}_{e.num_samples}.npz")
@@ -108,10 +117,12 @@ class FidDuringTraining:
         self.log(f"{self.name}: reference statistics of {n} training images -> {cache}")
         feats = []
         for start in range(0, n, 500):
-            batch = records.read_batch(indices[start: start + 500])
+            batch = records.read_batch(indices[start : start + 500])
             feats.append(self.features(self._decode(batch["mean"][:, 0].astype(np.float32))))
         self._reference = metrics.compute_statistics(np.concatenate(feats))
-        files.write_atomically(cache, files.npz_bytes(mu=self._reference.mu, sigma=self._reference.sigma))
+        files.write_atomically(
+            cache, files.npz_bytes(mu=self._reference.mu, sigma=self._reference.sigma)
+        )
         return self._reference
 
     # -- the evaluation ----------------------------------------------------------------------
@@ -123,11 +134,20 @@ class FidDuringTraining:
         out = []
         for c in range(-(-num // chunk)):
             latents, _ = sampling.sample_chunk(
-                self.model, params, c, seed, chunk, split, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale,
+                self.model,
+                params,
+                c,
+                seed,
+                chunk,
+                split,
+                sampler=e.sampler,
+                steps=e.steps,
+                cfg_scale=e.cfg_scale,
                 guidance_channels=sampling.guidance_channels(e.guidance),
                 clip_denoised=self.meta["autoencoder"].startswith("identity"),
                 **sampling.schedule_from_config(self.config),
-                guidance_interval=tuple(e.get("guidance_interval", ())) or None)
+                guidance_interval=tuple(e.get("guidance_interval", ())) or None,
+            )
             out.append(self._decode(np.asarray(latents) / self.meta["scaling_factor"]))
         return np.concatenate(out)[:num]
 

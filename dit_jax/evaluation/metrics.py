@@ -41,13 +41,17 @@ NEAREST_K = 3
 # FID
 # ----------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class FeatureStatistics:
     """Mean (float32 [D]) and covariance (float64 [D, D], N - 1 normalised) of features."""
+
     mu: np.ndarray
     sigma: np.ndarray
 
-    def frechet_distance(self, other: "FeatureStatistics", eps: float = 1e-6, method: str = "sqrtm") -> float:
+    def frechet_distance(
+        self, other: "FeatureStatistics", eps: float = 1e-6, method: str = "sqrtm"
+    ) -> float:
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma, eps, method)
 
 
@@ -92,8 +96,14 @@ class StatisticsAccumulator:
 FID_METHODS = ("sqrtm", "eigh")
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6, method: str = "sqrtm") -> float:
+def frechet_distance(
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    eps: float = 1e-6,
+    method: str = "sqrtm",
+) -> float:
     """|mu1 - mu2|^2 + Tr S1 + Tr S2 - 2 Tr sqrtm(S1 S2).
 
     method 'sqrtm' is ADM's computation: scipy.linalg.sqrtm(S1 S2); if that is not finite, eps
@@ -105,13 +115,17 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-                         f"{sigma2.shape}; both must come from the same features (pool: 2048, spatial: 2023).")
+        raise ValueError(
+            f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+            f"{sigma2.shape}; both must come from the same features (pool: 2048, spatial: 2023)."
+        )
     if method not in FID_METHODS:
         raise ValueError(f"FID method must be one of {FID_METHODS}, got {method!r}.")
     diff = mu1 - mu2
     if method == "eigh":
-        trace_covmean = _trace_sqrt_product(np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64))
+        trace_covmean = _trace_sqrt_product(
+            np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+        )
     else:
         covmean = _sqrtm(sigma1.dot(sigma2))
         if not np.isfinite(covmean).all():
@@ -120,7 +134,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
         if np.iscomplexobj(covmean):
             if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-                raise ValueError(f"FID: sqrtm has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}.")
+                raise ValueError(
+                    f"FID: sqrtm has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}."
+                )
             covmean = covmean.real
         trace_covmean = np.trace(covmean)
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
@@ -148,6 +164,7 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 # Inception Score
 # ----------------------------------------------------------------------------------------
 
+
 def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
     """ADM's Inception Score of logits [N, 1008] (pool features @ the softmax/logits weights,
     no bias): p = softmax(logits); per consecutive split of `split_size` rows,
@@ -156,13 +173,15 @@ def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> floa
     to 0 (and give NaN); 0 log 0 counts as 0."""
     logits = np.asarray(logits, np.float64)
     if logits.ndim != 2 or not len(logits):
-        raise ValueError(f"inception_score needs logits [N >= 1, classes], got shape {logits.shape}.")
+        raise ValueError(
+            f"inception_score needs logits [N >= 1, classes], got shape {logits.shape}."
+        )
     z = logits - logits.max(axis=1, keepdims=True)
     preds = np.exp(z)
     preds /= preds.sum(axis=1, keepdims=True)
     scores = []
     for start in range(0, len(preds), split_size):
-        part = preds[start: start + split_size]
+        part = preds[start : start + split_size]
         marginal = np.mean(part, axis=0, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0)
@@ -174,15 +193,20 @@ def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> floa
 # Precision and recall (k-NN manifolds, squared euclidean distances, blocks in JAX)
 # ----------------------------------------------------------------------------------------
 
+
 def _squared_distances(u: jax.Array, v: jax.Array) -> jax.Array:
     """[a, D], [b, D] -> [a, b]: max(|u|^2 - 2 u.v + |v|^2, 0), float32."""
     norm_u = jnp.sum(u * u, axis=1)[:, None]
     norm_v = jnp.sum(v * v, axis=1)[None, :]
-    return jnp.maximum(norm_u - 2 * jnp.matmul(u, v.T, precision=jax.lax.Precision.HIGHEST) + norm_v, 0.0)
+    return jnp.maximum(
+        norm_u - 2 * jnp.matmul(u, v.T, precision=jax.lax.Precision.HIGHEST) + norm_v, 0.0
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
-def _nearest_update(best: jax.Array, rows: jax.Array, cols: jax.Array, num_cols: jax.Array, k: int) -> jax.Array:
+def _nearest_update(
+    best: jax.Array, rows: jax.Array, cols: jax.Array, num_cols: jax.Array, k: int
+) -> jax.Array:
     """best [r, k+1] smallest distances so far, merged with the distances to the first
     num_cols rows of `cols` (the rest is padding)."""
     d = _squared_distances(rows, cols)
@@ -202,10 +226,12 @@ def _inside(rows: jax.Array, row_radii: jax.Array, cols: jax.Array, col_radii: j
 def _blocks(features: np.ndarray, size: int) -> Iterator[tuple[int, int, np.ndarray]]:
     """(start, count, block padded with zeros to `size` rows) over the rows of features."""
     for start in range(0, len(features), size):
-        block = features[start: start + size]
+        block = features[start : start + size]
         count = len(block)
         if count < size:
-            block = np.concatenate([block, np.zeros((size - count, features.shape[1]), block.dtype)])
+            block = np.concatenate(
+                [block, np.zeros((size - count, features.shape[1]), block.dtype)]
+            )
         yield start, count, block
 
 
@@ -225,12 +251,16 @@ def manifold_radii(features: np.ndarray, k: int = NEAREST_K, block_size: int = 4
         best = jnp.full((size, k + 1), jnp.inf, jnp.float32)
         for _, num_cols, cols in _blocks(features, size):
             best = _nearest_update(best, rows, cols, num_cols, k)
-        radii[start: start + count] = np.asarray(best[:count, k])
+        radii[start : start + count] = np.asarray(best[:count, k])
     return radii
 
 
-def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: int = NEAREST_K,
-                     block_size: int = 4096) -> tuple[float, float]:
+def precision_recall(
+    ref_features: np.ndarray,
+    sample_features: np.ndarray,
+    k: int = NEAREST_K,
+    block_size: int = 4096,
+) -> tuple[float, float]:
     """(precision, recall) as ADM: precision = fraction of samples within the k-NN ball of some
     reference; recall = fraction of references within the k-NN ball of some sample.
     Features [N, D]; distances are squared euclidean in float32 (ADM: float16, then float32
@@ -238,7 +268,9 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: i
     ref = np.asarray(ref_features, np.float32)
     sample = np.asarray(sample_features, np.float32)
     if ref.ndim != 2 or sample.ndim != 2 or ref.shape[1] != sample.shape[1]:
-        raise ValueError(f"precision/recall need features [N, D] with the same D, got {ref.shape} and {sample.shape}.")
+        raise ValueError(
+            f"precision/recall need features [N, D] with the same D, got {ref.shape} and {sample.shape}."
+        )
     ref_radii = manifold_radii(ref, k, block_size)
     sample_radii = manifold_radii(sample, k, block_size)
     ref_in = np.zeros(len(ref), bool)
@@ -246,11 +278,11 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: i
     ref_size, sample_size = _block_size(len(ref), block_size), _block_size(len(sample), block_size)
     pad = lambda r, size: np.concatenate([r, np.full(size - len(r), -np.inf, np.float32)])
     for r0, rn, rows in _blocks(ref, ref_size):
-        rows_radii = pad(ref_radii[r0: r0 + rn], ref_size)
+        rows_radii = pad(ref_radii[r0 : r0 + rn], ref_size)
         for c0, cn, cols in _blocks(sample, sample_size):
-            a, b = _inside(rows, rows_radii, cols, pad(sample_radii[c0: c0 + cn], sample_size))
-            ref_in[r0: r0 + rn] |= np.asarray(a)[:rn]
-            sample_in[c0: c0 + cn] |= np.asarray(b)[:cn]
+            a, b = _inside(rows, rows_radii, cols, pad(sample_radii[c0 : c0 + cn], sample_size))
+            ref_in[r0 : r0 + rn] |= np.asarray(a)[:rn]
+            sample_in[c0 : c0 + cn] |= np.asarray(b)[:cn]
     return float(np.mean(sample_in)), float(np.mean(ref_in))
 
 
@@ -258,12 +290,19 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: i
 # All of ADM's metrics
 # ----------------------------------------------------------------------------------------
 
-def evaluate_features(sample: dict, ref: Optional[dict] = None, *,
-                      ref_stats: Optional[FeatureStatistics] = None,
-                      ref_spatial_stats: Optional[FeatureStatistics] = None,
-                      sample_stats: Optional[FeatureStatistics] = None,
-                      sample_spatial_stats: Optional[FeatureStatistics] = None,
-                      k: int = NEAREST_K, block_size: int = 4096, fid_method: str = "sqrtm") -> dict:
+
+def evaluate_features(
+    sample: dict,
+    ref: Optional[dict] = None,
+    *,
+    ref_stats: Optional[FeatureStatistics] = None,
+    ref_spatial_stats: Optional[FeatureStatistics] = None,
+    sample_stats: Optional[FeatureStatistics] = None,
+    sample_spatial_stats: Optional[FeatureStatistics] = None,
+    k: int = NEAREST_K,
+    block_size: int = 4096,
+    fid_method: str = "sqrtm",
+) -> dict:
     """ADM's evaluation of Inception features ({'pool': [N, 2048], 'spatial': [N, 2023],
     optional 'logits': [N, 1008]}) of samples against a reference:
     {'inception_score' (when the samples have logits), 'fid', 'sfid', 'precision', 'recall'
@@ -282,7 +321,9 @@ def evaluate_features(sample: dict, ref: Optional[dict] = None, *,
     results["fid"] = sample_stats.frechet_distance(ref_stats, method=fid_method)
     results["sfid"] = sample_spatial_stats.frechet_distance(ref_spatial_stats, method=fid_method)
     if ref is not None:
-        results["precision"], results["recall"] = precision_recall(ref["pool"], sample["pool"], k, block_size)
+        results["precision"], results["recall"] = precision_recall(
+            ref["pool"], sample["pool"], k, block_size
+        )
     return results
 
 
@@ -297,8 +338,9 @@ STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 class ReferenceBatch:
     """An ADM-style batch file: images (`arr_0`, uint8 [N, H, W, 3], read lazily) and optional
     precomputed pool (`mu`, `sigma`) and spatial (`mu_s`, `sigma_s`) statistics."""
+
     path: str
-    image_shape: Optional[tuple] = None          # shape of arr_0, None if absent
+    image_shape: Optional[tuple] = None  # shape of arr_0, None if absent
     stats: Optional[FeatureStatistics] = None
     spatial_stats: Optional[FeatureStatistics] = None
 
@@ -317,8 +359,10 @@ class ReferenceBatch:
                 n = min(batch_size, self.image_shape[0] - start)
                 data = f.read(n * per_image)
                 if len(data) != n * per_image:
-                    raise ValueError(f"{self.path}: arr_0 is truncated (image {start + len(data) // per_image} "
-                                     f"of {self.image_shape[0]}).")
+                    raise ValueError(
+                        f"{self.path}: arr_0 is truncated (image {start + len(data) // per_image} "
+                        f"of {self.image_shape[0]})."
+                    )
                 yield np.frombuffer(data, np.uint8).reshape(n, *self.image_shape[1:])
 
     def images(self) -> np.ndarray:
@@ -337,8 +381,10 @@ def _read_npy_header(f, path: str) -> tuple:
     except ValueError as e:
         raise ValueError(f"{path}: arr_0 is not a valid .npy array ({e}).") from None
     if fortran or dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"{path}: arr_0 must be uint8 images [N, H, W, 3] (NHWC RGB, C-order), "
-                         f"got {dtype} {shape}{' Fortran-order' if fortran else ''}.")
+        raise ValueError(
+            f"{path}: arr_0 must be uint8 images [N, H, W, 3] (NHWC RGB, C-order), "
+            f"got {dtype} {shape}{' Fortran-order' if fortran else ''}."
+        )
     return shape
 
 
@@ -350,18 +396,22 @@ def read_reference_batch(path: str) -> ReferenceBatch:
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not an .npz file.")
     with zipfile.ZipFile(path) as archive:
-        names = {n[:-len(".npy")] for n in archive.namelist() if n.endswith(".npy")}
+        names = {n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")}
         shape = None
         if "arr_0" in names:
             with archive.open("arr_0.npy") as f:
                 shape = tuple(_read_npy_header(f, path))
     present = [k for k in STAT_KEYS if k in names]
     if present and len(present) != len(STAT_KEYS):
-        raise ValueError(f"{path}: has {present} but not {[k for k in STAT_KEYS if k not in names]}; "
-                         "precomputed statistics need all of mu, sigma, mu_s, sigma_s.")
+        raise ValueError(
+            f"{path}: has {present} but not {[k for k in STAT_KEYS if k not in names]}; "
+            "precomputed statistics need all of mu, sigma, mu_s, sigma_s."
+        )
     if shape is None and not present:
-        raise ValueError(f"{path}: has neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s); "
-                         f"it holds {sorted(names) or 'nothing'}.")
+        raise ValueError(
+            f"{path}: has neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s); "
+            f"it holds {sorted(names) or 'nothing'}."
+        )
     batch = ReferenceBatch(path, shape)
     if present:
         with np.load(path, allow_pickle=False) as data:
@@ -370,20 +420,27 @@ def read_reference_batch(path: str) -> ReferenceBatch:
     return batch
 
 
-def write_reference_batch(path: str, images: Optional[np.ndarray] = None,
-                          stats: Optional[FeatureStatistics] = None,
-                          spatial_stats: Optional[FeatureStatistics] = None) -> None:
+def write_reference_batch(
+    path: str,
+    images: Optional[np.ndarray] = None,
+    stats: Optional[FeatureStatistics] = None,
+    spatial_stats: Optional[FeatureStatistics] = None,
+) -> None:
     """Writes an ADM-style .npz: arr_0 (uint8 [N, H, W, 3]) and/or mu, sigma, mu_s, sigma_s."""
     arrays = {}
     if images is not None:
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}.")
+            raise ValueError(
+                f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}."
+            )
         arrays["arr_0"] = images
     if (stats is None) != (spatial_stats is None):
         raise ValueError("write both the pool and the spatial statistics, or neither.")
     if stats is not None:
-        arrays.update(mu=stats.mu, sigma=stats.sigma, mu_s=spatial_stats.mu, sigma_s=spatial_stats.sigma)
+        arrays.update(
+            mu=stats.mu, sigma=stats.sigma, mu_s=spatial_stats.mu, sigma_s=spatial_stats.sigma
+        )
     if not arrays:
         raise ValueError("nothing to write: give images and/or statistics.")
     directory = os.path.dirname(os.path.abspath(path))
@@ -397,8 +454,14 @@ def write_reference_batch(path: str, images: Optional[np.ndarray] = None,
 # Reference statistics from a dataset
 # ----------------------------------------------------------------------------------------
 
-def reference_from_images(extractor, images: Union[np.ndarray, Iterable[np.ndarray]], *,
-                          keep_images: int = 10_000, seed: int = 0) -> dict:
+
+def reference_from_images(
+    extractor,
+    images: Union[np.ndarray, Iterable[np.ndarray]],
+    *,
+    keep_images: int = 10_000,
+    seed: int = 0,
+) -> dict:
     """Statistics of a dataset for a reference batch: {'stats': pool FeatureStatistics,
     'spatial_stats': spatial FeatureStatistics, 'images': uint8 [min(N, keep_images), H, W, 3]
     (a uniformly random subset, in stream order, for precision/recall; None if keep_images
@@ -445,8 +508,16 @@ def _bounded_map(fn, items: Iterable, pool: concurrent.futures.Executor, window:
         yield pending.popleft().result()
 
 
-def iter_source_images(spec: str, image_size: int, *, num: Optional[int] = None, split: str = "train",
-                       seed: int = 0, batch_size: int = 256, workers: int = 16) -> Iterator[np.ndarray]:
+def iter_source_images(
+    spec: str,
+    image_size: int,
+    *,
+    num: Optional[int] = None,
+    split: str = "train",
+    seed: int = 0,
+    batch_size: int = 256,
+    workers: int = 16,
+) -> Iterator[np.ndarray]:
     """uint8 [b, S, S, 3] batches of a dataset (`dit_jax.data.sources.open_source(spec)`:
     folder:<root>, imagenet:<manual_dir>, tfds:<name>[@data_dir], embedded), each image
     ADM-center-cropped to S = image_size and made RGB. With `num`, a uniformly random subset
@@ -462,8 +533,10 @@ def iter_source_images(spec: str, image_size: int, *, num: Optional[int] = None,
         if num < 1:
             raise ValueError(f"num must be >= 1, got {num}.")
         if total is None:
-            raise ValueError(f"{spec} does not know its size, so a random subset of {num} images cannot be "
-                             "chosen; leave out num to use every image.")
+            raise ValueError(
+                f"{spec} does not know its size, so a random subset of {num} images cannot be "
+                "chosen; leave out num to use every image."
+            )
         if num < total:
             chosen = set(np.random.default_rng(seed).choice(total, num, replace=False).tolist())
 
@@ -500,19 +573,25 @@ def iter_source_images(spec: str, image_size: int, *, num: Optional[int] = None,
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image PSNR in dB of uint8 images [N, H, W, C]."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
-    return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
 
 
 # ----------------------------------------------------------------------------------------
 # ADM's evaluator on files (the dit_jax.evaluate command line)
 # ----------------------------------------------------------------------------------------
 
-METRIC_NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID",
-                "precision": "Precision", "recall": "Recall"}
+METRIC_NAMES = {
+    "inception_score": "Inception Score",
+    "fid": "FID",
+    "sfid": "sFID",
+    "precision": "Precision",
+    "recall": "Recall",
+}
 
 
-def evaluate_files(ref_path: str, sample_path: str, extractor,
-                   fid_method: str = "sqrtm", log=print) -> dict:
+def evaluate_files(
+    ref_path: str, sample_path: str, extractor, fid_method: str = "sqrtm", log=print
+) -> dict:
     """ADM's metrics of the sample batch file against the reference batch file (see the module
     docstring); returns {'inception_score'?, 'fid', 'sfid', 'precision'?, 'recall'?}."""
     ref = read_reference_batch(ref_path)
@@ -524,24 +603,44 @@ def evaluate_files(ref_path: str, sample_path: str, extractor,
         ref_features = _features(extractor, ref, "reference", log)
     sample_features = _features(extractor, sample, "samples", log)
     return evaluate_features(
-        sample_features, ref_features, ref_stats=ref.stats, ref_spatial_stats=ref.spatial_stats,
-        sample_stats=sample.stats, sample_spatial_stats=sample.spatial_stats, fid_method=fid_method)
+        sample_features,
+        ref_features,
+        ref_stats=ref.stats,
+        ref_spatial_stats=ref.spatial_stats,
+        sample_stats=sample.stats,
+        sample_spatial_stats=sample.spatial_stats,
+        fid_method=fid_method,
+    )
 
 
 def _features(extractor, batch: ReferenceBatch, what: str, log) -> dict:
     start = time.perf_counter()
     features = extractor.features_of_batches(batch.iter_images(extractor.batch_size))
     seconds = time.perf_counter() - start
-    log(f"{what}: {batch.num_images} images {batch.image_shape[1:]} from {batch.path} "
-        f"({seconds:.1f}s, {batch.num_images / seconds:.1f} images/s)")
+    log(
+        f"{what}: {batch.num_images} images {batch.image_shape[1:]} from {batch.path} "
+        f"({seconds:.1f}s, {batch.num_images / seconds:.1f} images/s)"
+    )
     return features
 
 
-def make_reference(output: str, source: str, extractor_factory, *, image_size: int, num: Optional[int],
-                   num_images: int, split: str, seed: int, batch_size: int) -> None:
+def make_reference(
+    output: str,
+    source: str,
+    extractor_factory,
+    *,
+    image_size: int,
+    num: Optional[int],
+    num_images: int,
+    split: str,
+    seed: int,
+    batch_size: int,
+) -> None:
     if num_images < 0:
         raise ValueError(f"--num_images must be >= 0, got {num_images}.")
-    batches = iter_source_images(source, image_size, num=num, split=split, seed=seed, batch_size=batch_size)
+    batches = iter_source_images(
+        source, image_size, num=num, split=split, seed=seed, batch_size=batch_size
+    )
     extractor = extractor_factory()
     count = 0
 
@@ -555,5 +654,7 @@ def make_reference(output: str, source: str, extractor_factory, *, image_size: i
     reference = reference_from_images(extractor, counted(), keep_images=num_images, seed=seed)
     write_reference_batch(output, **reference)
     kept = 0 if reference["images"] is None else len(reference["images"])
-    print(f"wrote {output}: statistics (mu, sigma, mu_s, sigma_s) of {count} images of {source} at "
-          f"{image_size}x{image_size}, {kept} of them as arr_0 ({time.perf_counter() - start:.1f}s)")
+    print(
+        f"wrote {output}: statistics (mu, sigma, mu_s, sigma_s) of {count} images of {source} at "
+        f"{image_size}x{image_size}, {kept} of them as arr_0 ({time.perf_counter() - start:.1f}s)"
+    )
