@@ -222,6 +222,18 @@ def build_parser() -> common.Parser:
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--local", action="store_true", help="run here, one after the other")
+    p.add_argument(
+        "--num_processes",
+        type=int,
+        default=1,
+        help="--local: run each as this many processes (launch.local, multi-host on one machine)",
+    )
+    p.add_argument(
+        "--devices_per_process",
+        type=int,
+        default=0,
+        help="--local with --num_processes: CPU devices per process (0: launch.local's default)",
+    )
     mode.add_argument(
         "--launcher",
         choices=("tpu", "slurm"),
@@ -273,9 +285,26 @@ def selected_runs(args) -> list[Run]:
 
 
 def run_local(
-    r: Run, config: str, overrides: list[str], extra: list[str], python: str, dry_run: bool
+    r: Run,
+    config: str,
+    overrides: list[str],
+    extra: list[str],
+    python: str,
+    dry_run: bool,
+    num_processes: int = 1,
+    devices_per_process: int = 0,
 ) -> bool:
     cmd = common.train_command(python, config, r.workdir, [*r.overrides, *overrides], extra)
+    if num_processes > 1:  # a local multi-host run: launch.local starts the processes
+        cmd = [
+            python,
+            "-m",
+            "launch.local",
+            f"--num_processes={num_processes}",
+            *([f"--devices_per_process={devices_per_process}"] if devices_per_process else []),
+            "--",
+            *cmd,
+        ]
     if dry_run:
         common.print_dry(cmd)
         return True
@@ -327,7 +356,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.dry_run:
             print(f"# {r.name}")
         if args.local:
-            ok = run_local(r, config, overrides, extra, args.python or sys.executable, args.dry_run)
+            ok = run_local(
+                r,
+                config,
+                overrides,
+                extra,
+                args.python or sys.executable,
+                args.dry_run,
+                args.num_processes,
+                args.devices_per_process,
+            )
         elif args.launcher == "tpu":
             cmds = tpu.run_commands(
                 name,

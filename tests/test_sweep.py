@@ -390,3 +390,22 @@ def test_toy_sweep_plan(tmp_path, capsys):
     ) in out
     code, _, err = run_cli(toy_sweep, capsys, f"--root={tmp_path}", "--steps=1000", "--evals=3")
     assert code == 1 and "multiple of --evals" in err
+
+
+def test_local_sweep_as_several_processes(tmp_path, capsys):
+    """--local --num_processes=2 runs each model through launch.local (multi-host on one machine)."""
+    code, out, err = run_cli(
+        sweep,
+        capsys,
+        f"--root={tmp_path}",
+        "--local",
+        "--dry_run",
+        "--models=S/8",
+        "--num_processes=2",
+        "--devices_per_process=4",
+    )
+    assert code == 0, err
+    assert (
+        "-m launch.local --num_processes=2 --devices_per_process=4 -- " in out
+        and "-m dit_jax.main --config=configs/default.py" in out
+    ), out
