@@ -24,8 +24,8 @@ from test_data import read_all
 from test_reliability import TRAIN_FLAGS, Run, metrics, read_checkpoint
 
 STEPS = 16
-#: Parameters split over 2 devices (fsdp) that may sit in different processes, and an EMA grid
-#: every 8 steps: every process joins gathering the EMA, process 0 samples and writes it.
+#: An EMA grid every 8 steps: every process joins gathering the EMA, process 0 samples and
+#: writes it.
 FLAGS = [
     f
     for f in TRAIN_FLAGS
@@ -33,7 +33,6 @@ FLAGS = [
 ] + [
     "--config.checkpoint_every_steps=4",
     "--config.keep_every_steps=4",
-    "--config.mesh.fsdp=2",
     "--config.sample.every_steps=8",
     "--config.sample.sampler=ddim",
     "--config.sample.steps=2",
