@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 from typing import Optional
@@ -93,60 +94,36 @@ def sample_latents(
             params,
             labels,
             key,
-            sampler,
-            steps,
-            cfg_scale,
-            guidance_channels,
-            eta,
-            clip_denoised,
-            noise,
-            noise_schedule,
-            diffusion_steps,
-            guidance_interval,
-            interpolant,
+            noise=noise,
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            guidance_channels=guidance_channels,
+            eta=eta,
+            clip_denoised=clip_denoised,
+            noise_schedule=noise_schedule,
+            diffusion_steps=diffusion_steps,
+            guidance_interval=guidance_interval,
+            interpolant=interpolant,
         )
     )
 
 
-def lower_sample_latents(
-    model: models.DiT,
-    params,
-    labels,
-    key,
-    *,
-    noise,
-    sampler: str = "ddpm",
-    steps: int = 250,
-    cfg_scale: float = 4.0,
-    guidance_channels: Optional[int] = 3,
-    eta: float = 0.0,
-    clip_denoised: bool = False,
-    noise_schedule: str = "linear",
-    diffusion_steps: int = 1000,
-    guidance_interval=None,
-    interpolant: Optional[interpolants.Interpolant] = None,
-):
+#: sample_latents' sampling settings and their defaults (noise aside)
+_SAMPLE_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(sample_latents).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "noise"
+}
+
+
+def lower_sample_latents(model: models.DiT, params, labels, key, *, noise, **kwargs):
     """The program `sample_latents` runs, lowered for abstract (jax.ShapeDtypeStruct) params,
-    labels, key (uint32[2]) and noise: `.compile()` it ahead of time (dit_jax.planning)."""
+    labels, key (uint32[2]) and noise: `.compile()` it ahead of time (dit_jax.planning).
+    kwargs are `sample_latents`' sampling settings (sampler, steps, cfg_scale, ...)."""
+    settings = {**_SAMPLE_DEFAULTS, **kwargs}
     return _sample.lower(
-        *_sample_args(
-            model,
-            params,
-            labels,
-            key,
-            sampler,
-            steps,
-            cfg_scale,
-            guidance_channels,
-            eta,
-            clip_denoised,
-            noise,
-            noise_schedule,
-            diffusion_steps,
-            guidance_interval,
-            interpolant,
-            split_key=False,
-        )
+        *_sample_args(model, params, labels, key, noise=noise, split_key=False, **settings)
     )
 
 
@@ -155,6 +132,7 @@ def _sample_args(
     params,
     labels,
     key,
+    *,
     sampler,
     steps,
     cfg_scale,
