@@ -25,7 +25,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
@@ -38,16 +37,7 @@ from dit_jax.evaluation import digits  # noqa: E402
 
 
 def sample_images(g, labels, seed, **kwargs):
-    latents = sampling.sample_latents(
-        g.model,
-        g.params,
-        jnp.asarray(labels),
-        jax.random.key(seed),
-        clip_denoised=g.pixel_space,
-        **g.schedule,
-        **kwargs,
-    )
-    return np.asarray(g.decoder()(latents))
+    return g.sample_images(labels, jax.random.key(seed), **kwargs)
 
 
 def images_per_second(g, seed, **kwargs) -> float:

@@ -397,6 +397,21 @@ class Generator:
             self.image_size,
         )
 
+    def sample_images(self, labels, key: jax.Array, **kwargs) -> np.ndarray:
+        """Decoded samples float32 [N, S, S, C] in [-1, 1], one per label; kwargs are
+        `sample_latents` settings (sampler, steps, cfg_scale, ...), the model's own schedule and
+        pixel-space clipping filled in."""
+        latents = sample_latents(
+            self.model,
+            self.params,
+            jnp.asarray(labels),
+            key,
+            clip_denoised=self.pixel_space,
+            **self.schedule,
+            **kwargs,
+        )
+        return np.asarray(self.decoder()(latents))
+
 
 def latent_decoder(autoencoder, scaling_factor: float, image_size: int):
     """latents [N, h, w, c] as sampled (scaled) -> images float32 [N, S, S, C] in [-1, 1]."""

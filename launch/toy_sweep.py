@@ -47,25 +47,20 @@ def sample_checkpoint(
 ):
     """(images [N, S, S, 1] in [-1, 1], labels) from the EMA weights of `workdir` at `step`, no guidance."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from dit_jax import sampling
 
     g = sampling.generator_from_workdir(workdir, step)
     labels = np.repeat(np.arange(g.model.num_classes, dtype=np.int32), per_class)
-    latents = sampling.sample_latents(
-        g.model,
-        g.params,
-        jnp.asarray(labels),
+    images = g.sample_images(
+        labels,
         jax.random.PRNGKey(seed),
         sampler=sampler,
         steps=steps,
         cfg_scale=1.0,
         guidance_channels=None,
-        clip_denoised=g.pixel_space,
-        **g.schedule,
     )
-    return np.asarray(g.decoder()(latents)), labels
+    return images, labels
 
 
 def evaluate_run(

@@ -189,23 +189,16 @@ def evaluate_workdir(
     g = sampling.generator_from_workdir(workdir)
     sampler = sampler or ("ddim" if g.interpolant is None else "heun")
     classifier, held_out = cached_classifier(g.image_size, log=log)
-    decode = g.decoder()
     labels = np.repeat(np.arange(g.model.num_classes, dtype=np.int32), per_class)
     results = {"step": g.step, "classifier_held_out_accuracy": held_out, "scales": {}}
     for scale in cfg_scales:
-        latents = sampling.sample_latents(
-            g.model,
-            g.params,
-            jnp.asarray(labels),
+        images = g.sample_images(
+            labels,
             jax.random.PRNGKey(seed),
             sampler=sampler,
             steps=steps,
             cfg_scale=scale,
             guidance_channels=None,
-            clip_denoised=g.pixel_space,
-            **g.schedule,
         )
-        results["scales"][float(scale)] = score_samples(
-            classifier, decode(latents), labels, g.image_size
-        )
+        results["scales"][float(scale)] = score_samples(classifier, images, labels, g.image_size)
     return results
