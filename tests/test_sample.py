@@ -21,9 +21,9 @@ def _perturbed_params(model, seed=0, scale=0.05):
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_sampler():
-    model = models.DiT(
+def tiny_model():
+    """A 1-block DiT on 8x8x1 inputs, 5 classes."""
+    return models.DiT(
         input_size=8,
         patch_size=4,
         in_channels=1,
@@ -32,6 +32,11 @@ def tiny_sampler():
         num_heads=2,
         num_classes=5,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_sampler():
+    model = tiny_model()
     return sampling.Generator(
         model, _perturbed_params(model), "identity:8", 1.0, 8, "tiny test model"
     )
@@ -195,15 +200,7 @@ def test_invert_cli(tmp_path):
             paths[-1]
         )
     ckpt = tmp_path / "model"
-    model = models.DiT(
-        input_size=8,
-        patch_size=4,
-        in_channels=1,
-        hidden_size=32,
-        depth=1,
-        num_heads=2,
-        num_classes=5,
-    )
+    model = tiny_model()
     from dit_jax import weights
 
     weights.save_params(
