@@ -41,6 +41,10 @@ setup(
         # libtpu lets the tests compile the train step for TPU topologies ahead of time on any
         # CPU (dit_jax.plan); it is inert where there is no TPU (JAX_PLATFORMS=cpu).
         "test": ["pytest>=7", "jax[tpu]"],
+        # dit_jax.plan for GPU nodes (h100x8, ...) on any machine: the CUDA plugin compiles for
+        # a described GPU and ptxas assembles; no GPU, driver or cuDNN is needed. Opt-in: the
+        # plugin announces the missing driver on stderr each time jax is imported.
+        "plan-gpu": ["jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cuda-nvcc-cu12"],
         "hub": ["huggingface_hub"],  # VAE weights by hub id (e.g. stabilityai/sd-vae-ft-ema)
         "cuda12": ["jax[cuda12]"],
         "cuda13": ["jax[cuda13]"],

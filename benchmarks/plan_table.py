@@ -1,18 +1,28 @@
 """The plan table of BENCHMARKS.md: the 12 DiT models compiled ahead of time (dit_jax.planning)
-for TPU topologies at a global batch, one JSON line per (model, topology) appended to --out,
-and the Markdown table printed from all lines in --out (so an interrupted run resumes).
+for TPU topologies and GPU nodes at a global batch, one JSON line per (model, topology)
+appended to --out, and the Markdown table printed from all lines in --out (so an interrupted
+run resumes).
 
-  python benchmarks/plan_table.py --topologies=v5p-8,v4-32,v5e-16,v6e-8 --batch=256 \\
-      --out=benchmarks/plan_table.jsonl [--search --fsdp=1,4 --remat=False,True]
-  python benchmarks/plan_table.py --out=benchmarks/plan_table.jsonl --table_only
+  python benchmarks/plan_table.py --topologies=v5p-8,v4-32,v5e-16,v6e-8,h100x8 --batch=256 \\
+      --out=benchmarks/plan_search.jsonl --search --fsdp=1,all --remat=off,dots,nothing \\
+      --scan=True
+  python benchmarks/plan_table.py --out=benchmarks/plan_search.jsonl --table_only
 
-Without --search each cell is the config as it is (fsdp 1, remat off); with --search the
-fastest fitting plan of fsdp x remat. Every time figure is XLA's cost-model estimate.
+  python benchmarks/plan_table.py --topologies=v5e-16 --out=benchmarks/plan_fixed.jsonl \\
+      --plan=mesh.fsdp=all,model.scan_blocks=True,model.remat=True,model.remat_policy=dots
+
+Without --search each cell is the config as it is (fsdp 1, remat off, looped blocks) with the
+--plan overrides; with
+--search the fastest fitting plan of the given fsdp x remat x scan choices ('all' in --fsdp:
+every chip of the topology). Time figures are estimates: XLA's cost model on TPU, a roofline
+bound on GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.metadata
 import json
 import os
 import sys
@@ -35,11 +45,25 @@ def cell(model: str, topology: str, args) -> dict:
     )
     start = time.perf_counter()
     if args.search:
-        best, plans = planning.search(config, topology, fsdp=args.fsdp or None, remat=args.remat)
+        n = planning.parse_topology(topology).num_devices
+        fsdp = sorted({n if f == "all" else int(f) for f in args.fsdp}) if args.fsdp else None
+        best, plans = planning.search(
+            config,
+            topology,
+            fsdp=fsdp,
+            remat=args.remat,
+            scan=args.scan,
+            attention=args.attention,
+        )
         plan = best or plans[0]
         tried = len(plans)
     else:
-        plan, tried = planning.plan_train(config, topology), 1
+        n = planning.parse_topology(topology).num_devices
+        fixed = {}
+        for item in args.plan.split(",") if args.plan else []:
+            key, value = item.split("=")
+            fixed[key] = n if value == "all" else _value(value)
+        plan, tried = planning.plan_train(planning.with_overrides(config, fixed), topology), 1
     row = plan.to_json()
     row.update(
         model=model,
@@ -47,8 +71,23 @@ def cell(model: str, topology: str, args) -> dict:
         candidates_tried=tried,
         jax=jax.__version__,
         libtpu=getattr(libtpu, "__version__", "?"),
+        cuda_plugin=_version("jax-cuda12-plugin"),
     )
     return row
+
+
+def _value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def table(rows: list[dict]) -> str:
@@ -60,7 +99,9 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         o = {k.split("=")[0].removeprefix("--config."): k.split("=")[1] for k in r["overrides"]}
-        plan = f"fsdp {o['mesh.fsdp']}, remat {o['model.remat']}"
+        remat = o.get("model.remat_policy", "nothing") if o["model.remat"] == "True" else "off"
+        scan = ", scan" if o.get("model.scan_blocks") == "True" else ""
+        plan = f"fsdp {o['mesh.fsdp']}, remat {remat}{scan}"
         peak = r["peak_bytes_per_device"] or r.get("required_bytes_per_device")
         peak_txt = f"{peak / gib:.1f} ({r['hbm_bytes_per_device'] / gib:.0f})" if peak else "?"
         ips = r.get("estimated_images_per_second_per_device")
@@ -80,9 +121,17 @@ def main():
     p.add_argument("--topologies", default="v5p-8,v4-32,v5e-16,v6e-8")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--search", action="store_true")
-    p.add_argument("--fsdp", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    p.add_argument("--fsdp", type=lambda s: s.split(","), default=None)
+    p.add_argument("--remat", type=lambda s: s.split(","), default=list(planning.REMAT_CHOICES))
     p.add_argument(
-        "--remat", type=lambda s: [x == "True" for x in s.split(",")], default=[False, True]
+        "--scan", type=lambda s: [x == "True" for x in s.split(",")], default=[False, True]
+    )
+    p.add_argument("--attention", type=lambda s: s.split(","), default=["einsum"])
+    p.add_argument(
+        "--plan",
+        default="",
+        help="without --search: fixed overrides, e.g. mesh.fsdp=all,model.scan_blocks=True "
+        "('all': every chip of the topology)",
     )
     p.add_argument("--out", default="benchmarks/plan_table.jsonl")
     p.add_argument("--table_only", action="store_true")

@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.learn_sigma = True
     c.model.dtype = "bfloat16"          # activations/matmuls; parameters, optimizer state: float32
     c.model.remat = False
+    c.model.remat_policy = "nothing"    # with remat: "nothing" (recompute all), "dots" (keep matmuls)
+    c.model.scan_blocks = False         # nn.scan over the blocks: one block compiled, stacked params
     c.model.attention = "auto"          # cuDNN flash on GPU, XLA elsewhere
     c.model.init_checkpoint = ""        # official .pt / converted dir: start (fine-tune) from it
 
@@ -62,8 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1                    # -1: all devices not used by fsdp
     c.mesh.fsdp = 1
     c.mesh.num_devices = 0              # 0: every device; N: the first N (e.g. 1 to debug)
-    # logical axis -> mesh axis (parameters are split along their wide 'mlp' axis over 'fsdp')
-    c.mesh.rules = (("batch", ("data", "fsdp")), ("embed", None), ("mlp", "fsdp"), ("vocab", None))
+    # logical axis -> mesh axis (parameters are split along their wide 'mlp' axis over 'fsdp';
+    # 'layers' is the stacked-blocks axis of model.scan_blocks, never split)
+    c.mesh.rules = (("batch", ("data", "fsdp")), ("embed", None), ("mlp", "fsdp"), ("vocab", None),
+                    ("layers", None))
 
     c.log_every_steps = 100
     c.checkpoint_every_steps = 5_000

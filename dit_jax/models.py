@@ -43,6 +43,11 @@ PATCH_SIZES = (2, 4, 8)
 MODEL_NAMES = tuple(f"DiT-{s}/{p}" for s in MODEL_SIZES for p in PATCH_SIZES)
 
 BLOCK_TYPES = ("adaln_zero", "adaln", "cross_attn", "in_context")
+#: remat_policy -> the jax.checkpoint policy of a rematerialised block (None: save nothing).
+REMAT_POLICIES = {
+    "nothing": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 #: DiT fields that make the forward diffusers' DiTTransformer2DModel's (same weights): its
 #: timestep frequencies are 10000 ** (-i / 127) instead of 10000 ** (-i / 128), and its
@@ -190,10 +195,11 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def attention_implementation(requested: Optional[str]) -> Optional[str]:
-    """'cudnn' (flash attention) only where it exists; 'einsum' (`attend`) elsewhere."""
+def attention_implementation(requested: Optional[str], backend: Optional[str] = None) -> str:
+    """'cudnn' (flash attention) only where it exists; 'einsum' (`attend`) elsewhere. backend:
+    the platform the model will run on (default: jax's default backend)."""
     if requested in (None, "auto"):
-        return "cudnn" if jax.default_backend() == "gpu" else "einsum"
+        return "cudnn" if (backend or jax.default_backend()) == "gpu" else "einsum"
     return requested
 
 
@@ -436,6 +442,13 @@ class DiT(nn.Module):
     dtype: Any = jnp.float32  # activation / matmul dtype; parameters are always float32
     attention: Optional[str] = None  # None: cuDNN flash on GPU, XLA elsewhere
     remat: bool = False  # rematerialise each block in the backward pass
+    # What a rematerialised block keeps from its forward (REMAT_POLICIES): 'nothing' recomputes
+    # the whole block; 'dots' keeps the outputs of its dense layers and recomputes the rest.
+    remat_policy: str = "nothing"
+    # One block traced and compiled once, run `depth` times by lax.scan: parameters are stacked
+    # under 'blocks' with a leading [depth] axis (logical axis 'layers') instead of blocks_0..
+    # blocks_{depth-1}. Same function; `params_in_layout` converts between the two layouts.
+    scan_blocks: bool = False
     # The forward's two numerical conventions; the defaults are the official DiT's, and
     # DIFFUSERS_FORWARD (shift 1, eps 1e-5) reproduces diffusers' DiTTransformer2DModel.
     timestep_freq_shift: int = 0  # timestep frequencies max_period ** (-i / (128 - shift))
@@ -467,6 +480,11 @@ class DiT(nn.Module):
         if bad:
             raise ValueError(
                 f"model sizes must be positive (num_classes at least 0), got {', '.join(bad)}."
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"Unknown remat_policy {self.remat_policy!r}; choose one of "
+                f"{tuple(REMAT_POLICIES)}."
             )
         if self.block_type not in BLOCK_TYPES:
             raise ValueError(
@@ -549,19 +567,36 @@ class DiT(nn.Module):
 
         if self.block_type == "in_context":
             tokens = jnp.concatenate([cond, tokens], axis=1)
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
-        for i in range(self.depth):
-            block = block_cls(
-                d,
-                self.num_heads,
-                self.mlp_ratio,
-                self.block_type,
-                self.dtype,
-                self.attention,
-                self.mlp_norm_eps,
-                name=f"blocks_{i}",
+        block_cls = DiTBlock
+        if self.remat:
+            # prevent_cse only matters outside a scan (where it costs speed, as jax documents)
+            block_cls = nn.remat(
+                DiTBlock,
+                policy=REMAT_POLICIES[self.remat_policy],
+                prevent_cse=not self.scan_blocks,
             )
-            tokens = block(tokens, c, cond)
+        block_args = (
+            d,
+            self.num_heads,
+            self.mlp_ratio,
+            self.block_type,
+            self.dtype,
+            self.attention,
+            self.mlp_norm_eps,
+        )
+        if self.scan_blocks:
+            scan = nn.scan(
+                lambda block, carry, c, cond: (block(carry, c, cond), None),
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            tokens, _ = scan(block_cls(*block_args, name="blocks"), tokens, c, cond)
+        else:
+            for i in range(self.depth):
+                tokens = block_cls(*block_args, name=f"blocks_{i}")(tokens, c, cond)
         if self.block_type == "in_context":
             tokens = tokens[:, 2:]
 
@@ -626,6 +661,29 @@ def abstract_params(model: DiT) -> dict:
         lambda r: model.init({"params": r}, *dummy_inputs(model)), jax.random.key(0)
     )
     return nn.meta.unbox(shapes["params"])
+
+
+def params_in_layout(params: dict, model: DiT) -> dict:
+    """`params` (either layout) in `model`'s block layout: blocks_0 .. blocks_{depth-1} for a
+    looped model, one 'blocks' tree with a leading [depth] axis for `scan_blocks`. The other
+    entries (embedders, final layer, pos_embed) are the same in both. numpy stays numpy;
+    jax arrays (and tracers) are stacked by jax."""
+    looped = sorted((k for k in params if re.fullmatch(r"blocks_\d+", k)), key=lambda k: int(k[7:]))
+    if model.scan_blocks and looped:
+        rest = {k: v for k, v in params.items() if k not in looped}
+
+        def stack(*leaves):
+            on_host = all(isinstance(x, np.ndarray) for x in leaves)
+            return np.stack(leaves) if on_host else jnp.stack(leaves)
+
+        return {**rest, "blocks": jax.tree_util.tree_map(stack, *[params[k] for k in looped])}
+    if not model.scan_blocks and "blocks" in params:
+        rest = {k: v for k, v in params.items() if k != "blocks"}
+        depth = jax.tree_util.tree_leaves(params["blocks"])[0].shape[0]
+        for i in range(depth):
+            rest[f"blocks_{i}"] = jax.tree_util.tree_map(lambda x: x[i], params["blocks"])
+        return rest
+    return params
 
 
 def count_params(params) -> int:

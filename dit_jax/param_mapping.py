@@ -91,7 +91,9 @@ def _matching_names(info: dict) -> list[str]:
 def dit_params_from_state_dict(
     sd: Mapping[str, np.ndarray], model, *, source: str = "state dict"
 ) -> dict:
-    """Official-layout DiT state dict -> Flax params for `model`, checking every key and shape."""
+    """Official-layout DiT state dict -> Flax params for `model` (looped or scanned blocks),
+    checking every key and shape."""
+    scanned, model = model, model.clone(scan_blocks=False)
     target = models.abstract_params(model)
     items, used, missing, mismatched = [], set(), [], []
     for path, leaf in traverse_util.flatten_dict(target).items():
@@ -129,11 +131,12 @@ def dit_params_from_state_dict(
                 + (f": model name {' or '.join(fits)}" if fits else "")
             )
         raise CheckpointError("\n".join(lines))
-    return traverse_util.unflatten_dict(dict(items))
+    return models.params_in_layout(traverse_util.unflatten_dict(dict(items)), scanned)
 
 
 def state_dict_from_dit_params(params: Mapping, patch_size: int) -> dict[str, np.ndarray]:
-    """Flax params -> official-layout state dict (numpy, float32)."""
+    """Flax params (looped or scanned blocks) -> official-layout state dict (numpy, float32)."""
+    params = models.params_in_layout(params, models.DiT(scan_blocks=False))
     return {
         _torch_key(path): np.asarray(_from_flax(path, np.asarray(v, np.float32), patch_size))
         for path, v in traverse_util.flatten_dict(params).items()

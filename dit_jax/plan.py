@@ -1,18 +1,21 @@
 """Plan a run before paying for it: the real train step compiled ahead of time for a TPU
-topology on this machine (no TPU needed; libtpu from `pip install 'jax[tpu]'`).
+topology or a GPU node on this machine (no accelerator needed; libtpu from
+`pip install 'jax[tpu]'`, the CUDA plugin and ptxas from the `plan-gpu` extra).
 
   python -m dit_jax.plan --config=configs/xl2.py --topology=v5p-8 --batch=256
   python -m dit_jax.plan --config=configs/xl2.py --topology=v5e-16 --batch=256 --search
+  python -m dit_jax.plan --config=configs/xl2.py --topology=h100x8 --batch=256
   python -m dit_jax.plan --config=configs/xl2.py --topology=2xv5p-128 --json \\
       --config.model.remat=True --set mesh.fsdp=8
 
 Per chip it prints the state's bytes (parameters, EMA, optimizer), the compiled program's
-arguments, temporaries and peak against the chip's HBM, flops from XLA and from the Gflops
-counter, the collectives in the program, and XLA's estimated step time as images/s per chip
-and MFU: a compiler estimate, not a measurement. A program that does not fit is reported as
-such (required vs available HBM) with exit status 1. `--search` compiles fsdp over every
-divisor of the chip count x remat off/on (x per-chip batch when --batch is not given), keeps
-what fits, ranks by estimated throughput and prints the winner as --config.* overrides.
+arguments, temporaries and peak against the chip's memory, flops from XLA and from the Gflops
+counter, the collectives in the program, and an estimated step time as images/s per chip and
+MFU (TPU: XLA's cost model; GPU: a roofline bound): an estimate, not a measurement. A program
+that does not fit is reported as such (required vs available memory) with exit status 1.
+`--search` compiles fsdp over every divisor of the chip count x remat (off, or on with each
+policy) x looped/scanned blocks x attention (x per-chip batch when --batch is not given),
+keeps what fits, ranks by estimated throughput and prints the winner as --config.* overrides.
 """
 
 import ast
@@ -28,7 +31,8 @@ config_flags.DEFINE_config_file("config", None, "Training config file (configs/*
 _TOPOLOGY = flags.DEFINE_string(
     "topology",
     None,
-    "Target, as typed: v4-8, v5p-64, v5e-16 (v5litepod-16), v6e-8, 2xv5p-128 (several slices).",
+    "Target, as typed: v4-8, v5p-64, v5e-16 (v5litepod-16), v6e-8, 2xv5p-128 (several slices), "
+    "h100x8, h200x8, 4xh100x8 (several nodes).",
 )
 _BATCH = flags.DEFINE_integer(
     "batch",
@@ -42,7 +46,15 @@ _SET = flags.DEFINE_multi_string(
 _SEARCH = flags.DEFINE_bool(
     "search",
     False,
-    "Search fsdp x remat (x per-chip batch) for the fastest configuration that fits.",
+    "Search fsdp x remat x scanned blocks x attention (x per-chip batch) for the fastest "
+    "configuration that fits.",
+)
+_REMAT = flags.DEFINE_list(
+    "remat", list(planning.REMAT_CHOICES), "With --search: remat choices (off or a policy)."
+)
+_SCAN = flags.DEFINE_list("scan", ["False", "True"], "With --search: model.scan_blocks values.")
+_ATTENTION = flags.DEFINE_list(
+    "attention", ["einsum", "xla"], "With --search: attention implementations."
 )
 _FSDP = flags.DEFINE_list(
     "fsdp", None, "With --search: only these fsdp sizes (default: every divisor of the chip count)."
@@ -95,8 +107,9 @@ def main(argv):
             None
             if _JSON.value
             else lambda p: print(
-                f"  fsdp={p.overrides['mesh.fsdp']} remat={p.overrides['model.remat']} "
-                f"batch={p.global_batch}: "
+                "  "
+                + " ".join(f"{k.split('.')[-1]}={p.overrides[k]}" for k in planning.SEARCH_KEYS)
+                + ": "
                 + (
                     f"fits, estimated {p.estimated_step_seconds * 1e3:.1f} ms/step"
                     if p.fits and p.estimated_step_seconds
@@ -114,6 +127,9 @@ def main(argv):
             log=log,
             fsdp=fsdp,
             per_chip_batches=[int(b) for b in _PER_CHIP_BATCH.value],
+            remat=_REMAT.value,
+            scan=[_bool(v) for v in _SCAN.value],
+            attention=_ATTENTION.value,
         )
         if best is not None and _SAMPLE_BATCH.value:
             best = planning.plan_train(
@@ -146,6 +162,12 @@ def main(argv):
         print(planning.format_plan(plan))
     sys.stdout.flush()
     return 0 if fits else 1
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(f"--scan {text!r}: expected True or False.")
+    return text.lower() == "true"
 
 
 def _main(argv):

@@ -1,13 +1,19 @@
 """Plan a pod before paying for it: the real train step (and the sampling loop) compiled ahead
-of time for a TPU topology on any machine, CPU included, with what the compiler says about it.
+of time for a TPU topology or a GPU node on any machine, CPU included, with what the compiler
+says about it.
 
 The program compiled is the very one training runs: `train.train_state_shardings` and
 `train.jit_train_step` under the config's logical-axis rules, the state donated, the global
 batch split over the ('data', 'fsdp') mesh as `sharding.batch_sharding` splits it. Nothing
-runs: the devices are libtpu's compile-only description of the topology.
+runs: the devices are libtpu's (TPU) or the CUDA plugin's (GPU, from a GpuTargetConfigProto
+built from `GPUS`) compile-only description of the topology.
 
-Every time and throughput figure here is XLA's estimate (its cost model's `optimal_seconds`),
-not a measurement. Memory figures are the compiler's buffer assignment for one chip.
+Every time and throughput figure here is an estimate, not a measurement: on TPU, XLA's cost
+model (`optimal_seconds`); on GPU, where XLA gives no time without a device, a roofline bound
+(XLA's flops at the chip's peak, XLA's bytes at its memory bandwidth, whichever is slower).
+XLA's cost analysis counts a loop body once, so for `model.scan_blocks` the flops and the time
+come from the looped program at depth 1 and 2, extrapolated to the model's depth. Memory
+figures are the compiler's buffer assignment for one chip.
 
   plan = planning.plan_train(config, "v5p-8")          # one configuration
   best = planning.search(config, "v5e-16")             # fsdp x remat x per-chip batch
@@ -22,6 +28,7 @@ import itertools
 import math
 import os
 import re
+import shutil
 import time
 from typing import Optional, Sequence
 
@@ -29,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
 
-from dit_jax import flops, sampling, sharding, train
+from dit_jax import flops, models, sampling, sharding, train
 from dit_jax import workdir as workdir_lib
 
 GIB = 2**30
@@ -49,6 +56,7 @@ class Generation:
     chip_config: str  # 'megacore' (v4, v5p: one device per chip) or 'default'
     cores_per_chip: int  # what one unit of the name counts: v4/v5p names count TensorCores
     hbm_bytes: int  # HBM per chip (vendor figure)
+    hbm_bandwidth: float  # bytes/s per chip (vendor figure; the roofline fallback)
     device_kind: str  # key into flops.PEAK_FLOPS
     slices: dict  # chips -> (topology shape, chips-per-host bounds, wraparound)
 
@@ -89,15 +97,72 @@ GENERATIONS = {
         "megacore",
         2,
         32 * GIB,
+        1.2e12,
         "TPU v4",
         {k: v for k, v in _CUBES.items() if k <= 2048},
     ),
-    "v5p": Generation("tpu", "v5", "megacore", 2, 95 * GIB, "TPU v5p", _CUBES),
-    "v5e": Generation("tpu", "v5e", "default", 1, 16 * GIB, "TPU v5e", _PLANES),
-    "v6e": Generation("tpu", "v6e", "default", 1, 32 * GIB, "TPU v6e", _PLANES),
+    "v5p": Generation("tpu", "v5", "megacore", 2, 95 * GIB, 2.765e12, "TPU v5p", _CUBES),
+    "v5e": Generation("tpu", "v5e", "default", 1, 16 * GIB, 8.19e11, "TPU v5e", _PLANES),
+    "v6e": Generation("tpu", "v6e", "default", 1, 32 * GIB, 1.64e12, "TPU v6e", _PLANES),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 _NAME = re.compile(r"^(?:(\d+)x)?([a-z0-9]+)-(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """One GPU model as XLA's compiler needs to see it (the essentials of its
+    GpuTargetConfigProto: what the device reports about itself)."""
+
+    description: str  # the device's name, e.g. 'NVIDIA H100 80GB HBM3'
+    memory_bytes: int  # device memory the driver reports
+    memory_bandwidth: float  # bytes/s
+    l2_cache_bytes: int
+    core_count: int  # streaming multiprocessors
+    clock_ghz: float
+    compute_capability: tuple  # (major, minor)
+    device_kind: str  # key into flops.PEAK_FLOPS
+
+
+#: GPU nodes plan-able by name: '<gpu>x<gpus per node>', several nodes as '4xh100x8'.
+GPUS = {
+    "h100": Gpu("NVIDIA H100 80GB HBM3", 84_942_979_072, 3.35232e12, 50 * 2**20, 132, 1.98,
+                (9, 0), "NVIDIA H100"),
+    "h200": Gpu("NVIDIA H200 141GB HBM3e", 151_397_597_184, 4.8e12, 50 * 2**20, 132, 1.98,
+                (9, 0), "NVIDIA H200"),
+}  # fmt: skip
+_GPU_NAME = re.compile(r"^(?:(\d+)x)?([a-z0-9]+)x(\d+)$")
+
+
+def gpu_target_config(gpu: Gpu) -> str:
+    """The GpuTargetConfigProto (text format) XLA compiles for, from `gpu`'s figures and the
+    limits every CUDA GPU since Volta shares."""
+    major, minor = gpu.compute_capability
+    return f"""
+gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  shared_memory_per_block_optin: 232448
+  threads_per_core_limit: 2048
+  core_count: {gpu.core_count}
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(gpu.memory_bandwidth)}
+  l2_cache_size: {gpu.l2_cache_bytes}
+  clock_rate_ghz: {gpu.clock_ghz}
+  device_memory_size: {gpu.memory_bytes}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+device_description_str: "{gpu.description}"
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +177,9 @@ class Topology:
     wrap: tuple
     hbm_bytes: int
     peak_flops: Optional[float]
-    platform: str = "tpu"
+    platform: str = "tpu"  # or 'cuda'
+    memory_bandwidth: Optional[float] = None  # bytes/s per chip (the roofline bound)
+    target_config: str = ""  # GPU: the GpuTargetConfigProto text
 
     @property
     def num_devices(self) -> int:
@@ -126,13 +193,43 @@ def valid_forms() -> str:
         parts.append(f"{gen}-{{{','.join(str(s) for s in sizes)}}}")
     return (
         "valid topologies: " + "; ".join(parts) + " (v5e is also spelt v5litepod; v4/v5p "
-        "count TensorCores, 2 per chip); several slices as Nx<slice>, e.g. 2xv5p-128"
+        "count TensorCores, 2 per chip); several slices as Nx<slice>, e.g. 2xv5p-128; GPU nodes "
+        f"as <gpu>x<1-8>, <gpu> one of {', '.join(GPUS)}, several nodes as Nx<node>, e.g. "
+        "4xh100x8"
+    )
+
+
+def _parse_gpu_topology(name: str) -> Optional[Topology]:
+    m = _GPU_NAME.match((name or "").strip().lower())
+    if not m or m.group(2) not in GPUS:
+        return None
+    gpu = GPUS[m.group(2)]
+    nodes, per_node = int(m.group(1) or 1), int(m.group(3))
+    if nodes < 1 or not 1 <= per_node <= 8:
+        raise ValueError(f"unknown topology {name!r}; {valid_forms()}.")
+    return Topology(
+        name=name,
+        generation=m.group(2),
+        num_slices=nodes,
+        chips_per_slice=per_node,
+        topology_name=f"1x{nodes}x{per_node}",  # slices x hosts x GPUs per host
+        chip_config="",
+        host_bounds=(),
+        wrap=(),
+        hbm_bytes=gpu.memory_bytes,
+        peak_flops=flops.PEAK_FLOPS.get(gpu.device_kind),
+        platform="cuda",
+        memory_bandwidth=gpu.memory_bandwidth,
+        target_config=gpu_target_config(gpu),
     )
 
 
 def parse_topology(name: str) -> Topology:
-    """'v5p-8' (4 chips), 'v5e-16', 'v5litepod-16', '2xv5p-128' -> a Topology. ValueError
-    (listing the valid forms) for anything else."""
+    """'v5p-8' (4 chips), 'v5e-16', 'v5litepod-16', '2xv5p-128', 'h100x8', '4xh200x8' -> a
+    Topology. ValueError (listing the valid forms) for anything else."""
+    gpu = _parse_gpu_topology(name)
+    if gpu is not None:
+        return gpu
     m = _NAME.match((name or "").strip().lower())
     gen = ALIASES.get(m.group(2), m.group(2)) if m else None
     if not m or gen not in GENERATIONS:
@@ -156,6 +253,7 @@ def parse_topology(name: str) -> Topology:
         hbm_bytes=g.hbm_bytes,
         peak_flops=flops.PEAK_FLOPS.get(g.device_kind),
         platform=g.platform,
+        memory_bandwidth=g.hbm_bandwidth,
     )
 
 
@@ -175,8 +273,55 @@ def _topology_devices(topology_name, chip_config, host_bounds, num_slices, wrap)
     return tuple(desc.devices)
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_devices(topology: str, target_config: str):
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver, no GPU: fine
+    desc = topologies.get_topology_desc(
+        platform="cuda", topology_name="", target_config=target_config, topology=topology
+    )
+    return tuple(desc.devices)
+
+
+def _find_ptxas() -> Optional[str]:
+    """ptxas on PATH, else the one the nvidia-cuda-nvcc-cu12 wheel ships (added to PATH, where
+    XLA looks for it)."""
+    if shutil.which("ptxas"):
+        return shutil.which("ptxas")
+    spec = importlib.util.find_spec("nvidia.cuda_nvcc") if _has_module("nvidia") else None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, "bin", "ptxas")
+        if os.access(path, os.X_OK):
+            os.environ["PATH"] = os.path.dirname(path) + os.pathsep + os.environ.get("PATH", "")
+            return path
+    return None
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def topology_devices(topology: Topology) -> list:
-    """libtpu's compile-only devices of the topology (slice by slice)."""
+    """The compile-only devices of the topology (slice by slice, node by node)."""
+    if topology.platform == "cuda":
+        if not _has_module("jax_plugins.xla_cuda12"):
+            raise ValueError(
+                f"cannot compile for {topology.name} here: the CUDA plugin is not installed "
+                "(pip install -e '.[plan-gpu]'; it needs no GPU)."
+            )
+        if _find_ptxas() is None:
+            raise ValueError(
+                f"cannot compile for {topology.name} here: no ptxas (pip install "
+                "nvidia-cuda-nvcc-cu12, or put CUDA's bin directory on PATH)."
+            )
+        try:
+            return list(_gpu_devices(topology.topology_name, topology.target_config))
+        except RuntimeError as e:
+            raise ValueError(
+                f"the CUDA plugin cannot describe {topology.name}: " + " ".join(str(e).split())
+            ) from None
     if importlib.util.find_spec("libtpu") is None:
         raise ValueError(
             f"cannot compile for {topology.name} here: libtpu is not installed "
@@ -266,15 +411,37 @@ def _memory(compiled) -> dict:
     )
 
 
-def _cost(compiled) -> dict:
+def _cost(compiled, topology: Topology) -> dict:
+    """flops, bytes accessed and an estimated step time per chip, and how the time was
+    estimated: XLA's cost model where it gives one (TPU), else the roofline bound
+    max(flops / peak, bytes / memory bandwidth) from XLA's counts (GPU, where a compile-only
+    executable has no cost analysis, and TPU programs libtpu's cost model gives up on)."""
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    cost = cost or {}
-    seconds = cost.get("optimal_seconds")
+    if not cost and topology.platform == "cuda":
+        cost = _hlo_cost(compiled)
+    cost = dict(cost or {})
+    flops_, moved = cost.get("flops"), cost.get("bytes accessed")
+    seconds, kind = cost.get("optimal_seconds"), "XLA cost model"
     if seconds is not None and seconds <= 0:  # libtpu's cost model gives up on some programs
         seconds = None
-    return dict(flops=cost.get("flops"), seconds=seconds, bytes_accessed=cost.get("bytes accessed"))
+    if seconds is None and flops_ and moved and topology.peak_flops and topology.memory_bandwidth:
+        seconds = max(flops_ / topology.peak_flops, moved / topology.memory_bandwidth)
+        kind = "roofline bound"
+    return dict(flops=flops_, seconds=seconds, bytes_accessed=moved, kind=kind)
+
+
+def _hlo_cost(compiled) -> dict:
+    """XLA's HloCostAnalysis of a compiled module (platform-independent counts), or {}."""
+    try:
+        from jax._src import xla_bridge
+        from jax._src.lib import xla_client
+
+        module = compiled.runtime_executable().hlo_modules()[0]
+        return dict(xla_client._xla.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module))
+    except Exception:  # noqa: BLE001  (a private API: no figure rather than no plan)
+        return {}
 
 
 # ----------------------------------------------------------------------------------------
@@ -315,9 +482,11 @@ class Plan:
     flops_xla: Optional[float] = None  # XLA's cost analysis, per chip
     flops_counter: Optional[float] = None  # 3 x forward (dit_jax.flops), 2 per multiply-add
     estimated_step_seconds: Optional[float] = None  # XLA's cost-model estimate
+    estimate: str = ""  # how estimated_step_seconds was obtained
     collectives: dict = dataclasses.field(default_factory=dict)
     compile_seconds: float = 0.0
     error: str = ""
+    notes: list = dataclasses.field(default_factory=list)
     sample: Optional[dict] = None
 
     @property
@@ -352,6 +521,8 @@ class Plan:
             "flops_per_device": self.flops_xla,
             "estimated_step_seconds": self.estimated_step_seconds,
             "overrides": self.flag_overrides(),
+            "estimate": self.estimate,
+            "notes": self.notes,
             "global_batch": self.global_batch,
             "mesh": self.mesh,
             "state_bytes_per_device": self.state_bytes,
@@ -374,16 +545,9 @@ def _abstract(tree, shardings):
     )
 
 
-def plan_train(
-    config, topology: str | Topology, *, sample_batch: int = 0, sample_steps: int = 2
-) -> Plan:
-    """Compiles `config`'s train step (global batch config.batch_size) for `topology` and
-    reports what XLA says per chip. A program that does not fit is a Plan with fits=False and
-    the required/available bytes of the compiler's message; other errors propagate.
-    sample_batch > 0 also compiles the sampling loop (sample_steps steps, the config's
-    sampler and guidance) at that global batch with the EMA parameters' sharding."""
-    topo = parse_topology(topology) if isinstance(topology, str) else topology
-    devices = topology_devices(topo)
+def _lower_train_step(config, topo: Topology, devices):
+    """(model, abstract state, its shardings, batch sharding, the lowered train step) of
+    `config` on `devices`, exactly as training builds them."""
     meta = dataset_meta(config)
     train.validate_config(config, meta, len(devices))
     model = workdir_lib.model_for_dataset(config, meta)
@@ -397,6 +561,41 @@ def plan_train(
         "latents": jax.ShapeDtypeStruct((b, h, w, c), jnp.float32, sharding=batch_sharding),
         "labels": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding),
     }
+    step = train.jit_train_step(config, model, tx, state_sharding, batch_sharding)
+    lowered = step.lower(_abstract(abstract, state_sharding), batch)
+    return model, abstract, state_sharding, batch_sharding, lowered
+
+
+def _looped_cost(config, topo: Topology, devices, depth: int) -> dict:
+    """The cost of the looped program at `depth` blocks, from compiles at depth 1 and 2: XLA
+    counts a scan's body once, so a scanned program's own cost analysis undercounts."""
+    costs = []
+    for d in (1, 2):
+        small = with_overrides(config, {"model.depth": d, "model.scan_blocks": False})
+        costs.append(_cost(_lower_train_step(small, topo, devices)[-1].compile(), topo))
+    out = {}
+    for key in ("flops", "seconds", "bytes_accessed"):
+        one, two = costs[0][key], costs[1][key]
+        out[key] = one + (depth - 1) * (two - one) if one is not None and two is not None else None
+    out["kind"] = costs[1]["kind"] + ", looped program at depth 1 and 2 extrapolated"
+    return out
+
+
+def plan_train(
+    config, topology: str | Topology, *, sample_batch: int = 0, sample_steps: int = 2
+) -> Plan:
+    """Compiles `config`'s train step (global batch config.batch_size) for `topology` and
+    reports what XLA says per chip. A program that does not fit is a Plan with fits=False and
+    the required/available bytes of the compiler's message; other errors propagate.
+    sample_batch > 0 also compiles the sampling loop (sample_steps steps, the config's
+    sampler and guidance) at that global batch with the EMA parameters' sharding."""
+    topo = parse_topology(topology) if isinstance(topology, str) else topology
+    devices = topology_devices(topo)
+    start = time.perf_counter()
+    model, abstract, state_sharding, batch_sharding, lowered = _lower_train_step(
+        config, topo, devices
+    )
+    b = config.batch_size
     plan = Plan(
         topology=topo.name,
         num_devices=len(devices),
@@ -405,17 +604,28 @@ def plan_train(
         global_batch=b,
         hbm_bytes=topo.hbm_bytes,
         peak_flops=topo.peak_flops,
-        mesh={k: int(v) for k, v in mesh.shape.items()},
+        mesh={k: int(v) for k, v in batch_sharding.mesh.shape.items()},
         flops_counter=3 * 2 * flops.forward_flops(model) * b / len(devices),
     )
+    if (
+        topo.platform == "cuda"
+        and models.attention_implementation(
+            None if config.model.attention == "auto" else config.model.attention, "gpu"
+        )
+        == "cudnn"
+        and model.dtype != jnp.float32
+    ):
+        plan.notes.append(
+            "attention compiled with XLA: cuDNN flash attention (what 'auto' runs on a GPU) "
+            "cannot be compiled without a GPU; XLA's attention holds the [N, heads, T, T] "
+            "logits, so this memory is an upper bound for the cuDNN run"
+        )
     plan.state_bytes = {
         k: per_device_bytes(getattr(abstract, k), getattr(state_sharding, k))
         for k in ("params", "ema_params", "opt_state")
     }
-    step = train.jit_train_step(config, model, tx, state_sharding, batch_sharding)
-    start = time.perf_counter()
     try:
-        compiled = step.lower(_abstract(abstract, state_sharding), batch).compile()
+        compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001  (XlaRuntimeError: only out-of-memory is a verdict)
         if not is_oom(e):
             raise
@@ -426,11 +636,15 @@ def plan_train(
     plan.compile_seconds = time.perf_counter() - start
     plan.fits = True
     plan.memory = _memory(compiled)
-    cost = _cost(compiled)
+    cost = _cost(compiled, topo)
+    if model.scan_blocks:
+        cost = _looped_cost(config, topo, devices, model.depth)
+    plan.estimate = cost["kind"] if cost["seconds"] else ""
     plan.flops_xla, plan.estimated_step_seconds = cost["flops"], cost["seconds"]
     plan.collectives = collective_counts(compiled.as_text())
     if plan.memory["peak"] > topo.hbm_bytes:  # backends that only warn
         plan.fits = False
+        plan.required_bytes, plan.available_bytes = plan.memory["peak"], topo.hbm_bytes
     if sample_batch:
         plan.sample = plan_sampling(
             config,
@@ -440,12 +654,20 @@ def plan_train(
             batch_sharding,
             sample_batch,
             sample_steps,
+            topo,
         )
     return plan
 
 
 def plan_sampling(
-    config, model, abstract_params, param_sharding, batch_sharding, batch: int, steps: int
+    config,
+    model,
+    abstract_params,
+    param_sharding,
+    batch_sharding,
+    batch: int,
+    steps: int,
+    topology: Topology,
 ) -> dict:
     """The sampling loop of config.sample compiled for `steps` model evaluations at a global
     `batch` (labels and noise split like training batches)."""
@@ -485,8 +707,9 @@ def plan_sampling(
         req, avail = parse_oom(str(e))
         out.update(fits=False, required_bytes=req, available_bytes=avail, error=_first_line(e))
         return out
-    cost = _cost(compiled)
+    cost = _cost(compiled, topology)
     out.update(
+        estimate=cost["kind"] if cost["seconds"] else "",
         fits=True,
         compile_seconds=time.perf_counter() - start,
         memory=_memory(compiled),
@@ -505,17 +728,29 @@ def _first_line(e: BaseException) -> str:
 # Search
 # ----------------------------------------------------------------------------------------
 
-SEARCH_KEYS = ("mesh.fsdp", "model.remat", "batch_size", "model.attention")
+SEARCH_KEYS = (
+    "mesh.fsdp",
+    "model.remat",
+    "model.remat_policy",
+    "model.scan_blocks",
+    "batch_size",
+    "model.attention",
+)
+#: the remat choices of a search: off, or on with one of the model's policies
+REMAT_CHOICES = ("off", *models.REMAT_POLICIES)
 
 
 def plan_overrides(config) -> dict:
     """The searched config fields of `config` as dotted key -> value."""
+    m = config.model
     return {
         "mesh.fsdp": config.mesh.fsdp,
         "mesh.data": config.mesh.data,
-        "model.remat": config.model.remat,
+        "model.remat": m.remat,
+        "model.remat_policy": m.get("remat_policy", "nothing"),
+        "model.scan_blocks": m.get("scan_blocks", False),
         "batch_size": config.batch_size,
-        "model.attention": config.model.attention,
+        "model.attention": m.attention,
     }
 
 
@@ -524,8 +759,9 @@ def divisors(n: int) -> list[int]:
 
 
 def attention_choices(topology: Topology) -> list[str]:
-    """Attention implementations the platform has: XLA's on TPU (cuDNN flash is GPU-only)."""
-    return ["xla"] if topology.platform == "tpu" else ["xla", "cudnn"]
+    """Attention implementations a plan can compile: `attend` ('einsum', what 'auto' runs on
+    TPU) and XLA's. cuDNN flash attention needs a GPU to compile, so it is not among them."""
+    return ["einsum", "xla"]
 
 
 def candidates(
@@ -535,24 +771,30 @@ def candidates(
     fixed_batch: bool,
     per_chip_batches: Sequence[int] = (8, 16, 32, 64, 128),
     fsdp: Optional[Sequence[int]] = None,
-    remat: Sequence[bool] = (False, True),
+    remat: Sequence[str] = REMAT_CHOICES,
+    scan: Sequence[bool] = (False, True),
     attention: Optional[Sequence[str]] = None,
 ) -> list[dict]:
-    """Configurations to try: fsdp over every divisor of the device count, remat off/on, the
-    per-chip batch when the global batch is not fixed, the platform's attention kernels."""
+    """Configurations to try: fsdp over every divisor of the device count, remat off or on
+    with each policy, looped or scanned blocks, the per-chip batch when the global batch is
+    not fixed, the attention implementations."""
     n = topology.num_devices
     batches = [config.batch_size] if fixed_batch else [p * n for p in per_chip_batches]
     out = []
-    for f, r, b, a in itertools.product(
-        fsdp or divisors(n), remat, batches, attention or attention_choices(topology)
+    for f, r, sc, b, a in itertools.product(
+        fsdp or divisors(n), remat, scan, batches, attention or attention_choices(topology)
     ):
         if n % f:
             continue
+        if r not in REMAT_CHOICES:
+            raise ValueError(f"remat choice {r!r}: expected one of {REMAT_CHOICES}.")
         out.append(
             {
                 "mesh.fsdp": f,
                 "mesh.data": -1,
-                "model.remat": r,
+                "model.remat": r != "off",
+                "model.remat_policy": "nothing" if r == "off" else r,
+                "model.scan_blocks": sc,
                 "batch_size": b,
                 "model.attention": a,
             }
@@ -647,19 +889,18 @@ def format_plan(plan: Plan) -> str:
     if s:
         mfu = f", MFU {plan.mfu:.1%}" if plan.mfu is not None else ""
         lines.append(
-            "compiler estimate (XLA cost model, not a measurement): "
+            f"estimate ({plan.estimate}; not a measurement): "
             f"step {s * 1e3:.1f} ms,"
             f" {plan.images_per_second_per_chip:.1f} images/s per chip{mfu}"
         )
     lines.append(f"compiled in {plan.compile_seconds:.1f} s")
+    lines += [f"note: {n}" for n in plan.notes]
     if plan.sample:
         sp = plan.sample
         if sp["fits"]:
             est = sp.get("estimated_seconds")
             est_txt = (
-                f", compiler estimate {est / sp['steps'] * 1e3:.1f} ms per model evaluation"
-                if est
-                else ""
+                f", estimated {est / sp['steps'] * 1e3:.1f} ms per model evaluation" if est else ""
             )
             lines.append(
                 f"sampling ({sp['sampler']}, batch {sp['batch']}, cfg {sp['cfg_scale']}): "
@@ -675,17 +916,19 @@ def format_plan(plan: Plan) -> str:
 
 def format_candidates(plans: Sequence[Plan]) -> str:
     lines = [
-        f"{'fsdp':>5} {'remat':>6} {'batch':>6} {'attention':>9} {'fits':>5} {'peak':>11} "
-        f"{'est. step':>10} {'est. img/s/chip':>15}"
+        f"{'fsdp':>5} {'remat':>7} {'scan':>5} {'batch':>6} {'attention':>9} {'fits':>5} "
+        f"{'peak':>11} {'est. step':>10} {'est. img/s/chip':>15} {'compile':>8}"
     ]
     for p in plans:
         o = p.overrides
+        remat = o["model.remat_policy"] if o["model.remat"] else "off"
         step = f"{p.estimated_step_seconds * 1e3:.1f} ms" if p.estimated_step_seconds else "-"
         ips = f"{p.images_per_second_per_chip:.1f}" if p.images_per_second_per_chip else "-"
         lines.append(
-            f"{o['mesh.fsdp']:>5} {str(o['model.remat']):>6} {o['batch_size']:>6} "
-            f"{o['model.attention']:>9} {'yes' if p.fits else 'no':>5} "
-            f"{_gib(p.peak_bytes):>11} {step:>10} {ips:>15}"
+            f"{o['mesh.fsdp']:>5} {remat:>7} {str(o['model.scan_blocks']):>5} "
+            f"{o['batch_size']:>6} {o['model.attention']:>9} {'yes' if p.fits else 'no':>5} "
+            f"{_gib(p.peak_bytes):>11} {step:>10} {ips:>15} {p.compile_seconds:>7.0f}s"
         )
-    lines.append("(est.: XLA's cost-model estimates, not measurements)")
+    kinds = sorted({p.estimate for p in plans if p.estimate})
+    lines.append(f"(est.: {'; '.join(kinds) or 'estimates'}; not measurements)")
     return "\n".join(lines)

@@ -138,12 +138,19 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def init_state_fn(model, tx, seed: int, init_params=None):
-    """rng -> boxed TrainState (logical partitioning metadata kept for the shardings)."""
+    """rng -> boxed TrainState (logical partitioning metadata kept for the shardings). A model
+    with scan_blocks starts from the looped model's initial weights, stacked: the seed gives
+    the same run in either layout."""
 
     def init(rng):
         variables = model.init({"params": rng}, *models.dummy_inputs(model))
         params = variables["params"]
-        if init_params is not None:
+        start = init_params
+        if start is None and model.scan_blocks:
+            looped = model.clone(scan_blocks=False)
+            start = nn.meta.unbox(looped.init({"params": rng}, *models.dummy_inputs(looped)))
+            start = models.params_in_layout(start["params"], model)
+        if start is not None:
             params = jax.tree_util.tree_map(
                 lambda box, value: (
                     box.replace_boxed(jnp.asarray(value))
@@ -151,7 +158,7 @@ def init_state_fn(model, tx, seed: int, init_params=None):
                     else value
                 ),
                 params,
-                init_params,
+                start,
                 is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
             )
         return TrainState(

@@ -59,6 +59,7 @@ def load_params(directory: str, model=None) -> tuple[dict, dict]:
             ) from None
     params = jax.tree_util.tree_map(np.asarray, restored["params"])
     if model is not None:  # Orbax does not check shapes against a target; do it here
+        params = models.params_in_layout(params, model)
         target = traverse_util.flatten_dict(models.abstract_params(model))
         want = {path: tuple(v.shape) for path, v in target.items()}
         have = {path: tuple(v.shape) for path, v in traverse_util.flatten_dict(params).items()}

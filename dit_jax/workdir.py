@@ -98,6 +98,8 @@ def model_for_dataset(config, meta: dict) -> models.DiT:
         learn_sigma=m.learn_sigma,
         dtype=jnp.dtype(m.dtype),
         remat=m.remat,
+        remat_policy=m.get("remat_policy", "nothing"),
+        scan_blocks=m.get("scan_blocks", False),  # runs saved before the field existed: looped
         attention=None if m.attention == "auto" else m.attention,
     )
     fields.update({k: m[k] for k in sizes if m[k] is not None})

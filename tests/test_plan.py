@@ -1,12 +1,13 @@
 """dit_jax.plan: the train step compiled ahead of time for TPU topologies (libtpu's
-compile-only devices, no TPU), its per-chip figures, out-of-memory verdicts, the search, the
-launchers' pre-flight, topology names and multi-slice meshes. A tiny DiT keeps each compile
-short."""
+compile-only devices, no TPU) and GPU nodes (the CUDA plugin's, no GPU), its per-chip figures,
+out-of-memory verdicts, scanned blocks, the search, the launchers' pre-flight, topology names
+and multi-slice meshes. A tiny DiT keeps each compile short."""
 
 import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,11 @@ from configs import demo
 from dit_jax import models, planning, sharding
 from launch import common, tpu
 
+needs_cuda_plugin = pytest.mark.skipif(
+    importlib.util.find_spec("jax_plugins") is None
+    or importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    reason="the CUDA plugin is not installed (pip install -e '.[plan-gpu]'): no GPU to compile for",
+)
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed (pip install 'jax[tpu]'): no TPU topology to compile for",
@@ -80,17 +86,33 @@ def test_topology_names():
     assert (t.num_slices, t.chips_per_slice, t.num_devices) == (2, 64, 128)
     assert t.topology_name == "v5:4x4x4"
     assert planning.parse_topology("v6e-8").peak_flops == 918e12
+    t = planning.parse_topology("h100x8")
+    assert (t.platform, t.num_devices, t.topology_name) == ("cuda", 8, "1x1x8")
+    assert t.hbm_bytes == 84_942_979_072 and t.peak_flops == 989e12
+    assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in t.target_config
+    t = planning.parse_topology("4xh200x8")
+    assert (t.num_slices, t.num_devices, t.topology_name) == (4, 32, "1x4x8")
+    assert "device_memory_size: 151397597184" in t.target_config
 
 
-@pytest.mark.parametrize("name", ["v7-8", "v5p-6", "v5e-3", "h100", "", "v4-8192"])
+@pytest.mark.parametrize(
+    "name", ["v7-8", "v5p-6", "v5e-3", "h100", "", "v4-8192", "h100x9", "a100x8", "0xh100x8"]
+)
 def test_unknown_topology_is_one_clear_error(name):
     with pytest.raises(ValueError, match="valid topologies: v4-"):
         planning.parse_topology(name)
 
 
+def own_lines(stderr: str) -> list[str]:
+    """stderr without the C++ loggers' lines (libtpu's and, where installed, the CUDA
+    plugin's, printed when jax loads them)."""
+    noise = re.compile(r"^([IWEF]\d{4} |WARNING: (All log messages|Logging before)|===|learning/)")
+    return [line for line in stderr.strip().splitlines() if line and not noise.match(line)]
+
+
 def test_unknown_topology_cli():
     proc = plan_cli("--topology=v9-8")
-    err = proc.stderr.strip().splitlines()
+    err = own_lines(proc.stderr)
     assert proc.returncode == 1 and len(err) == 1 and err[0].startswith("error: unknown topology")
     assert "v5p-" in err[0] and "2xv5p-128" in err[0] and "Traceback" not in proc.stderr
 
@@ -167,8 +189,8 @@ def test_v5e_16_plan_and_sampling():
     assert plan.hbm_bytes == 16 * 2**30 and plan.peak_bytes < plan.hbm_bytes
     assert plan.sample["fits"] and plan.sample["memory"]["peak"] > 0
     text = planning.format_plan(plan)
-    if plan.estimated_step_seconds:  # a time is always labelled as the compiler's estimate
-        assert "compiler estimate (XLA cost model, not a measurement)" in text
+    if plan.estimated_step_seconds:  # a time is always labelled as an estimate
+        assert "estimate (XLA cost model; not a measurement)" in text
     assert "fits: yes" in text
 
 
@@ -197,10 +219,48 @@ def test_search_finds_a_plan_that_fits():
     config = planning.with_overrides(demo.get_config(), HUGE)
     default = planning.plan_train(config, "v5e-4")
     assert not default.fits
-    best, plans = planning.search(config, "v5e-4", fsdp=(1, 4), remat=(False,))
+    best, plans = planning.search(
+        config, "v5e-4", fsdp=(1, 4), remat=("off",), scan=(False,), attention=("einsum",)
+    )
     assert best is not None and best.fits and best.overrides["mesh.fsdp"] == 4
     assert "--config.mesh.fsdp=4" in best.flag_overrides()
     assert [p.fits for p in plans] == [True, False]  # ranked: what fits first
+
+
+@needs_libtpu
+def test_scanned_blocks_plan_like_looped_blocks():
+    """A scanned model holds the same state and, through the depth-1/2 extrapolation, reports
+    the flops and time of the looped program (XLA alone counts the loop body once)."""
+    looped = planning.plan_train(tiny(**{"model.depth": 4, "mesh.fsdp": 4}), "v5p-8")
+    scanned = planning.plan_train(
+        tiny(**{"model.depth": 4, "mesh.fsdp": 4, "model.scan_blocks": True}), "v5p-8"
+    )
+    assert looped.fits and scanned.fits
+    assert scanned.state_bytes == looped.state_bytes
+    assert scanned.flops_xla == pytest.approx(looped.flops_xla, rel=0.02)
+    assert scanned.estimated_step_seconds == pytest.approx(looped.estimated_step_seconds, rel=0.25)
+    assert "extrapolated" in scanned.estimate and "extrapolated" not in looped.estimate
+    assert scanned.overrides["model.scan_blocks"] is True
+    assert "--config.model.scan_blocks=True" in scanned.flag_overrides()
+
+
+@needs_cuda_plugin
+def test_h100_node_plan():
+    """An 8-GPU node compiled without a GPU: per-GPU state quartered by fsdp=4 on the wide
+    axes, memory against the H100's 79 GiB, flops from XLA, a labelled roofline time, and a
+    configuration over the GPU's memory reported as not fitting."""
+    plan = planning.plan_train(tiny(**{"mesh.fsdp": 4}), "h100x8")
+    assert plan.fits and plan.num_devices == 8 and plan.mesh == {"data": 2, "fsdp": 4}
+    one = planning.plan_train(tiny(), "h100x8")
+    assert plan.state_bytes["params"] < one.state_bytes["params"]
+    assert plan.flops_xla > 0 and plan.estimated_step_seconds > 0
+    assert plan.estimate == "roofline bound"
+    assert "roofline bound; not a measurement" in planning.format_plan(plan)
+    proc = plan_cli("--topology=h100x1", "--json", *sets({**HUGE, "model.hidden_size": 16384}))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["fits"] is False and out["hbm_bytes_per_device"] == 84_942_979_072
+    assert out["peak_bytes_per_device"] > out["hbm_bytes_per_device"]
 
 
 @needs_libtpu

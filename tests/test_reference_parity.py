@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import load_reference, nhwc, nchw
-from dit_jax import diffusion, models, param_mapping, weights
+from dit_jax import diffusion, models, param_mapping, state_dicts, weights
 
 TOL = 1e-4
 
@@ -52,6 +52,26 @@ def test_forward(ref):
     d, model, params = ref
     out = model.apply(params, nhwc(d["forward/x"]), ints(d["forward/t"]), ints(d["forward/y"]))
     assert_close(nchw(out), d["forward/out"], "forward")
+
+
+def test_official_weights_load_into_and_out_of_a_scanned_model(ref):
+    """The official checkpoint in a model whose blocks are one nn.scan: same forward, and the
+    stacked parameters write back to exactly the official state dict."""
+    d, model, _ = ref
+    npz = load_reference("DIT_REFERENCE", "dit_tiny")[0].with_suffix(".npz")
+    scanned = model.clone(scan_blocks=True)
+    params = weights.load_dit_params(str(npz), scanned, prefix="state_dict/")
+    assert "blocks" in params and "blocks_0" not in params
+    assert jax.tree_util.tree_leaves(params["blocks"])[0].shape[0] == model.depth
+    out = scanned.apply(
+        {"params": params}, nhwc(d["forward/x"]), ints(d["forward/t"]), ints(d["forward/y"])
+    )
+    assert_close(nchw(out), d["forward/out"], "forward (scanned blocks)")
+    official = state_dicts.read_state_dict(str(npz), prefix="state_dict/")
+    written = param_mapping.state_dict_from_dit_params(params, model.patch_size)
+    assert sorted(written) == sorted(official)
+    for key, value in official.items():
+        np.testing.assert_array_equal(written[key], np.asarray(value, np.float32), err_msg=key)
 
 
 def test_forward_with_cfg(ref):

@@ -114,6 +114,23 @@ def test_eight_devices_follow_one_device(tmp_path):
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
 
 
+def test_scanned_blocks_train_like_looped_blocks(tmp_path):
+    """model.scan_blocks changes the program, not the training: same losses, same parameters
+    (in the other layout), blocks sharded over fsdp along their own axes."""
+    base = {"model.depth": 2, "mesh.data": 4, "mesh.fsdp": 2}
+    looped = train.train_and_evaluate(tiny_config(**base), str(tmp_path / "looped"))
+    scanned = train.train_and_evaluate(
+        tiny_config(**base, **{"model.scan_blocks": True}), str(tmp_path / "scanned")
+    )
+    np.testing.assert_allclose(losses(tmp_path / "looped"), losses(tmp_path / "scanned"), rtol=2e-5)
+    model = models.DiT(scan_blocks=True)
+    params = models.params_in_layout(jax.device_get(looped.params), model)
+    for a, b in zip(leaves(params), leaves(scanned.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    kernel = scanned.params["blocks"]["mlp"]["fc1"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
+
+
 def test_initialise_from_a_converted_checkpoint(tmp_path):
     config = tiny_config(**{"optimizer.learning_rate": 0.0, "num_train_steps": 1})
     meta = {"latent_shape": [16, 16, 1], "num_classes": 10}

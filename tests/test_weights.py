@@ -72,6 +72,11 @@ def test_orbax_round_trip(tmp_path, data_dir):
     np.testing.assert_array_equal(
         weights.load_dit_params(str(out), model)["pos_embed"], params["pos_embed"]
     )
+    scanned = models.DiT(**TINY, scan_blocks=True)  # the same file into the other layout
+    stacked = weights.load_dit_params(str(out), scanned)
+    np.testing.assert_array_equal(
+        stacked["blocks"]["mlp"]["fc1"]["kernel"][0], params["blocks_0"]["mlp"]["fc1"]["kernel"]
+    )
     with pytest.raises(state_dicts.CheckpointError, match="already exists"):
         weights.save_params(str(out), params, dict(TINY))
     with pytest.raises(state_dicts.CheckpointError, match="do not fit the model"):
