@@ -11,6 +11,11 @@ environment when the job has more than one task. Tasks: one per GPU (default; JA
 process the GPU of its SLURM_LOCALID) or one per node (the script exports JAX_LOCAL_DEVICE_IDS so
 that each process drives all the GPUs of its node). The job gets SIGTERM --signal_seconds before
 its time limit; training saves a checkpoint on it, and resubmitting the same script resumes.
+
+With --gpu_type (h100, h200) both first compile the train step for that node shape
+(python -m dit_jax.plan --topology=<nodes>x<gpu_type>x<gpus per node>, in a subprocess, no GPU
+needed; the `plan-gpu` extra) and stop with one line when it does not fit in the GPUs' memory;
+the dry run prints that verdict too (--no_preflight skips it).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Optional, Sequence
 from launch import common
 from launch.common import LaunchError
 
+#: GPU models dit_jax.plan can compile for (planning.GPUS)
+GPU_TYPES = ("h100", "h200")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 #: variables that would make a single local process wait for others in jax.distributed
 _MULTIPROCESS_ENV = ("SLURM_NTASKS", "SLURM_NPROCS", "JAX_COORDINATOR_ADDRESS")
@@ -223,6 +230,14 @@ def build_parser() -> common.Parser:
             help="environment for training",
         )
         p.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
+        p.add_argument(
+            "--gpu_type",
+            choices=GPU_TYPES,
+            help="the GPUs' model: compile the plan for them first (python -m dit_jax.plan)",
+        )
+        p.add_argument(
+            "--no_preflight", action="store_true", help="with --gpu_type: do not compile the plan"
+        )
         if cmd == "local":
             p.add_argument("--gpus", help="GPU indices to use, e.g. 0,1,2,3 (default: all)")
             p.add_argument(
@@ -247,6 +262,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = common.parse_env(args.env)
     if args.command == "local":
         workdir = common.validate_workdir(args.workdir, absolute=True)
+        if args.gpu_type and not args.no_preflight:
+            count = len(args.gpus.split(",")) if args.gpus else 8
+            common.preflight(config, f"{args.gpu_type}x{count}", [*overrides, *extra])
         run_env, cmd = local_command(
             config, workdir, overrides, extra, python=args.python, gpus=args.gpus, env=env
         )
@@ -259,6 +277,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"+ {common.show(cmd)}", file=sys.stderr)
         return common.stream(cmd, args.log_file, env=run_env, cwd=str(common.REPO))
     workdir = common.validate_workdir(args.workdir, absolute=True)
+    if args.gpu_type and not args.no_preflight:
+        node = f"{args.gpu_type}x{args.gpus_per_node}"
+        common.preflight(
+            config, node if args.nodes == 1 else f"{args.nodes}x{node}", [*overrides, *extra]
+        )
     if args.nodes > 1 and not common.is_gcs(workdir):
         common.warn(
             f"{workdir} must be on a file system that all {args.nodes} nodes share (or use gs://)."

@@ -267,6 +267,21 @@ def test_gpu_local(capsys):
     )
 
 
+def test_gpu_preflight_names_the_node_shape(capsys, monkeypatch):
+    """--gpu_type compiles the plan for <nodes>x<gpu>x<gpus per node> before anything runs;
+    --no_preflight skips it (the compile itself is tested in test_plan.py)."""
+    seen = []
+    monkeypatch.setattr(
+        gpu.common, "preflight", lambda config, topology, overrides: seen.append(topology)
+    )
+    base = ["--config=configs/xl2.py", "--workdir=/shared/x", "--dry_run", "--gpu_type=h100"]
+    dry(gpu, capsys, "slurm", *base, "--nodes=2", "--gpus_per_node=8")
+    dry(gpu, capsys, "slurm", *base, "--gpus_per_node=4")
+    dry(gpu, capsys, "local", *base, "--gpus=0,1")
+    dry(gpu, capsys, "local", *base, "--no_preflight")
+    assert seen == ["2xh100x8", "h100x4", "h100x2"]
+
+
 def test_slurm_script_one_task_per_gpu(capsys):
     out = dry(
         gpu,

@@ -18,7 +18,7 @@ from conftest import REPO
 
 from configs import demo
 from dit_jax import models, planning, sharding
-from launch import common, tpu
+from launch import common, gpu, tpu
 
 needs_cuda_plugin = pytest.mark.skipif(
     importlib.util.find_spec("jax_plugins") is None
@@ -261,6 +261,26 @@ def test_h100_node_plan():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["fits"] is False and out["hbm_bytes_per_device"] == 84_942_979_072
     assert out["peak_bytes_per_device"] > out["hbm_bytes_per_device"]
+
+
+@needs_cuda_plugin
+def test_gpu_preflight_refuses_a_launch_that_cannot_fit(capsys):
+    argv = [
+        "slurm",
+        "--config=configs/demo.py",
+        "--workdir=/shared/x",
+        "--gpu_type=h100",
+        "--gpus_per_node=1",
+        "--dry_run",
+        *[f"--set={k}={v}" for k, v in {**HUGE, "model.hidden_size": 16384}.items()],
+    ]
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(gpu.main)(argv)
+    out = capsys.readouterr()
+    assert e.value.code == 1 and "sbatch" not in out.out
+    err = own_lines(out.err)
+    assert len(err) == 1 and "does not fit" in err[0] and "--no_preflight" in err[0], err
+    assert "pre-flight (h100x1): does NOT fit" in out.out
 
 
 @needs_libtpu
