@@ -18,7 +18,6 @@ import traceback
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -71,38 +70,6 @@ def _key_name(key) -> str:
     return str(key)
 
 
-def _leaf_digest(x):
-    """Two uint32 sums of a leaf's raw bits, each element weighted by an odd hash of its
-    index. Wrapping integer sums do not depend on the reduction order (sharding, devices),
-    and changing any one element changes both sums."""
-    x = jnp.asarray(x)
-    if x.dtype == jnp.bool_:
-        x = x.astype(jnp.uint8)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    u = jax.lax.bitcast_convert_type(x, unsigned).astype(
-        jnp.uint32
-    )  # 8-byte values: a trailing dim of 2
-    index, stride = jnp.zeros(u.shape, jnp.uint32), 1
-    for d in reversed(range(u.ndim)):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(
-            stride % 2**32
-        )
-        stride *= u.shape[d]
-
-    def weight(h):
-        h = h * jnp.uint32(0x9E3779B1)
-        h = h ^ (h >> 16)
-        h = h * jnp.uint32(0x85EBCA6B)
-        return (h ^ (h >> 13)) | jnp.uint32(1)
-
-    return jnp.stack(
-        [
-            jnp.sum(u * weight(index), dtype=jnp.uint32),
-            jnp.sum(u * weight(index ^ jnp.uint32(0x5BD1E995)), dtype=jnp.uint32),
-        ]
-    )
-
-
 def state_fingerprint(state, data_state: Optional[dict] = None) -> dict:
     """{"state": {leaf path: [two uint32 digests]}, "data": sha256 of the data state}: saved
     with every training checkpoint and checked on restore, so a checkpoint whose bytes changed
@@ -116,27 +83,55 @@ def state_fingerprint(state, data_state: Optional[dict] = None) -> dict:
     return out
 
 
-def _digest_leaves(leaves):
-    """Leaves this process holds whole are digested on the host (no device programs run beside
-    the training step's): fully addressable ones, and replicated ones from a local copy. Others
-    (sharded over several hosts) by one small compiled program per shape."""
-    global _DIGEST_FN
-    out = []
+def _digest_leaves(leaves) -> list[np.ndarray]:
+    """[2] uint32 digests of every leaf, computed on the host. A leaf this process holds whole
+    (fully addressable, or replicated: a local copy) is digested alone; a leaf sharded over
+    several processes is digested shard by shard (each shard once, at its global element
+    indices) and the processes' partial sums are added in one gather that every process joins,
+    in the same order: no device program per leaf runs beside the training step's (on CPU
+    several such programs in flight could meet their cross-process collectives in different
+    orders and deadlock)."""
+    out: list = []
+    partial: list[tuple[int, np.ndarray]] = []
     for leaf in leaves:
         if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
             out.append(_leaf_digest_host(np.asarray(jax.device_get(leaf))))
-            continue
-        if leaf.sharding.is_fully_replicated:
+        elif leaf.sharding.is_fully_replicated:
             out.append(_leaf_digest_host(np.asarray(leaf.addressable_data(0))))
-            continue
-        if _DIGEST_FN is None:
-            _DIGEST_FN = jax.jit(_leaf_digest)
-        out.append(_DIGEST_FN(leaf))
+        else:
+            sums = np.zeros(2, np.uint64)
+            for shard in leaf.addressable_shards:
+                if shard.replica_id == 0:  # every element counted once over all processes
+                    data = np.asarray(shard.data)
+                    sums += _leaf_digest_host(data, _flat_index(leaf.shape, shard.index, data))
+            partial.append((len(out), (sums % 2**32).astype(np.uint32)))
+            out.append(None)
+    if partial:  # the same leaves on every process: every process gathers once
+        gathered = multihost_utils.process_allgather(np.stack([p for _, p in partial]))
+        totals = (np.asarray(gathered, np.uint64).reshape(-1, len(partial), 2).sum(0)) % 2**32
+        for (i, _), total in zip(partial, totals.astype(np.uint32)):
+            out[i] = total
     return out
 
 
-def _leaf_digest_host(x: np.ndarray) -> np.ndarray:
-    """`_leaf_digest` in numpy: the same two wrapping uint32 sums."""
+def _flat_index(shape: tuple, index: tuple, data: np.ndarray) -> np.ndarray:
+    """Row-major flat indices (in the whole array of `shape`) of the shard at `index` (a tuple
+    of slices), in the layout `_leaf_digest_host` digests (8-byte values: a trailing 2)."""
+    ranges = [np.arange(*sl.indices(dim)) for sl, dim in zip(index, shape)]
+    full = tuple(shape)
+    if data.dtype.itemsize == 8:
+        ranges.append(np.arange(2))
+        full = full + (2,)
+    if not ranges:
+        return np.zeros((), np.uint32)
+    return np.ravel_multi_index(np.ix_(*ranges), full).astype(np.uint32)
+
+
+def _leaf_digest_host(x: np.ndarray, index: Optional[np.ndarray] = None) -> np.ndarray:
+    """Two uint32 sums of a leaf's raw bits, each element weighted by an odd hash of its flat
+    index (`index`: the elements' indices in the whole leaf, default 0..size-1). Wrapping
+    integer sums do not depend on the order of summation (so shards may be summed apart and
+    added), and changing any one element changes both sums."""
     x = np.ascontiguousarray(x)
     if x.dtype == np.bool_:
         x = x.astype(np.uint8)
@@ -145,7 +140,8 @@ def _leaf_digest_host(x: np.ndarray) -> np.ndarray:
     else:
         u = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
     u = u.astype(np.uint32)
-    index = np.arange(u.size, dtype=np.uint64).astype(np.uint32).reshape(u.shape)
+    if index is None:
+        index = np.arange(u.size, dtype=np.uint64).astype(np.uint32).reshape(u.shape)
 
     def weight(h):
         with np.errstate(over="ignore"):
@@ -161,9 +157,6 @@ def _leaf_digest_host(x: np.ndarray) -> np.ndarray:
                 np.sum(u * weight(index ^ np.uint32(0x5BD1E995)), dtype=np.uint32),
             ]
         )
-
-
-_DIGEST_FN = None
 
 
 def save_train_state(manager, step: int, state, data_state: dict, *, force: bool = False) -> bool:

@@ -38,6 +38,9 @@ FLAGS = [
     "--config.sample.steps=2",
     "--config.sample.num_per_class=1",
     "--config.sample.autoencoder=identity:8",
+    # Parameters split over all 8 devices: with 2 processes every wide parameter spans both,
+    # so checkpoints save, fingerprint and restore shards that no one process holds whole.
+    "--config.mesh.fsdp=8",
 ]
 #: Losses and parameters of 2 x 4 against 1 x 8 devices (the same 8-device mesh). Measured: equal
 #: to the bit; the tolerance only allows a different reduction order of the cross-process
