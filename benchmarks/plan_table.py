@@ -145,7 +145,15 @@ def main():
             for model in args.models.split(","):
                 if (model, topology) in done:
                     continue
-                row = cell(model, topology, args)
+                try:
+                    row = cell(model, topology, args)
+                except Exception as e:  # noqa: BLE001  (one failed cell must not stop the table)
+                    print(
+                        f"{model} {topology}: FAILED {type(e).__name__}: "
+                        + " ".join(str(e).split())[:300],
+                        flush=True,
+                    )
+                    continue
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(

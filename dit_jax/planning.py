@@ -566,13 +566,35 @@ def _lower_train_step(config, topo: Topology, devices):
     return model, abstract, state_sharding, batch_sharding, lowered
 
 
+#: XLA's GPU compiler without a device cannot autotune, and for some dots its Triton GEMM
+#: emitter then finds no tiling ("Couldn't find output tile sizes"); cuBLAS GEMMs compile.
+_NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
+TRITON_NOTE = (
+    "compiled with xla_gpu_enable_triton_gemm=false: without a GPU to autotune on, XLA's "
+    "Triton GEMM emitter found no tiling for a matmul; cuBLAS GEMMs were compiled instead"
+)
+
+
+def _compile(lowered, topology: Topology, notes: Optional[list] = None):
+    """lowered.compile(); on GPU, once more without Triton GEMMs when XLA finds no tiling for
+    one (the note is appended to `notes`)."""
+    try:
+        return lowered.compile()
+    except Exception as e:  # noqa: BLE001
+        if topology.platform != "cuda" or "tile sizes" not in str(e):
+            raise
+    if notes is not None and TRITON_NOTE not in notes:
+        notes.append(TRITON_NOTE)
+    return lowered.compile(compiler_options=_NO_TRITON_GEMM)
+
+
 def _looped_cost(config, topo: Topology, devices, depth: int) -> dict:
     """The cost of the looped program at `depth` blocks, from compiles at depth 1 and 2: XLA
     counts a scan's body once, so a scanned program's own cost analysis undercounts."""
     costs = []
     for d in (1, 2):
         small = with_overrides(config, {"model.depth": d, "model.scan_blocks": False})
-        costs.append(_cost(_lower_train_step(small, topo, devices)[-1].compile(), topo))
+        costs.append(_cost(_compile(_lower_train_step(small, topo, devices)[-1], topo), topo))
     out = {}
     for key in ("flops", "seconds", "bytes_accessed"):
         one, two = costs[0][key], costs[1][key]
@@ -625,7 +647,7 @@ def plan_train(
         for k in ("params", "ema_params", "opt_state")
     }
     try:
-        compiled = lowered.compile()
+        compiled = _compile(lowered, topo, plan.notes)
     except Exception as e:  # noqa: BLE001  (XlaRuntimeError: only out-of-memory is a verdict)
         if not is_oom(e):
             raise
@@ -699,8 +721,10 @@ def plan_sampling(
     )
     out = {"batch": batch, "steps": steps, "sampler": s.sampler, "cfg_scale": s.cfg_scale}
     start = time.perf_counter()
+    notes: list = []
+    out["notes"] = notes
     try:
-        compiled = lowered.compile()
+        compiled = _compile(lowered, topology, notes)
     except Exception as e:  # noqa: BLE001
         if not is_oom(e):
             raise

@@ -117,6 +117,33 @@ def test_unknown_topology_cli():
     assert "v5p-" in err[0] and "2xv5p-128" in err[0] and "Traceback" not in proc.stderr
 
 
+def test_gpu_compile_falls_back_from_triton_gemms_once():
+    """Without a GPU to autotune on XLA may find no Triton tiling for a matmul; the GPU plan
+    then compiles with cuBLAS GEMMs and says so. Other errors, and TPU plans, are not retried."""
+
+    class Lowered:
+        def __init__(self, message):
+            self.message, self.calls = message, []
+
+        def compile(self, compiler_options=None):
+            self.calls.append(compiler_options)
+            if compiler_options is None:
+                raise RuntimeError(self.message)
+            return "compiled"
+
+    gpu_topology, notes = planning.parse_topology("h100x8"), []
+    lowered = Lowered("INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.1")
+    assert planning._compile(lowered, gpu_topology, notes) == "compiled"
+    assert lowered.calls == [None, {"xla_gpu_enable_triton_gemm": False}]
+    assert notes == [planning.TRITON_NOTE]
+    with pytest.raises(RuntimeError, match="tile sizes"):
+        planning._compile(
+            Lowered("Couldn't find output tile sizes"), planning.parse_topology("v5p-8")
+        )
+    with pytest.raises(RuntimeError, match="other"):
+        planning._compile(Lowered("INTERNAL: other"), gpu_topology)
+
+
 def test_oom_message_parsing():
     msg = (
         "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
