@@ -90,12 +90,18 @@ def _version(package: str) -> str:
         return ""
 
 
+def _estimated_by(kind: str) -> str:
+    """'XLA cost model, looped program ... extrapolated' -> 'XLA'; 'roofline bound' -> 'roofline'."""
+    base = "XLA" if kind.startswith("XLA") else "roofline" if kind.startswith("roofline") else "-"
+    return base + (" (extrap.)" if "extrapolated" in kind else "")
+
+
 def table(rows: list[dict]) -> str:
     gib = 2**30
     lines = [
         "| model | topology | fits | plan | peak GiB/chip (of HBM) | est. img/s/chip | "
-        "est. MFU | compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        "est. MFU | estimated by | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         o = {k.split("=")[0].removeprefix("--config."): k.split("=")[1] for k in r["overrides"]}
@@ -110,7 +116,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['topology']} | {fits} | {plan} | "
             f"{peak_txt} | {f'{ips:.0f}' if ips else '-'} | "
-            f"{f'{mfu:.0%}' if mfu else '-'} | {r['compile_seconds']:.0f} |"
+            f"{f'{mfu:.0%}' if mfu else '-'} | {_estimated_by(r.get('estimate', ''))} | "
+            f"{r['compile_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
