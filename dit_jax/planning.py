@@ -8,15 +8,16 @@ batch split over the ('data', 'fsdp') mesh as `sharding.batch_sharding` splits i
 runs: the devices are libtpu's (TPU) or the CUDA plugin's (GPU, from a GpuTargetConfigProto
 built from `GPUS`) compile-only description of the topology.
 
-Every time and throughput figure here is an estimate, not a measurement: on TPU, XLA's cost
-model (`optimal_seconds`); on GPU, where XLA gives no time without a device, a roofline bound
-(XLA's flops at the chip's peak, XLA's bytes at its memory bandwidth, whichever is slower).
+Every time and throughput figure here is an estimate, not a measurement: XLA's cost model
+(`optimal_seconds`) where it gives one (TPU), else a roofline bound (XLA's flops at the chip's
+peak, XLA's bytes at its memory bandwidth, whichever is slower): on GPU, where a compile-only
+executable has no cost analysis, and on TPU programs libtpu's cost model gives up on.
 XLA's cost analysis counts a loop body once, so for `model.scan_blocks` the flops and the time
 come from the looped program at depth 1 and 2, extrapolated to the model's depth. Memory
 figures are the compiler's buffer assignment for one chip.
 
   plan = planning.plan_train(config, "v5p-8")          # one configuration
-  best = planning.search(config, "v5e-16")             # fsdp x remat x per-chip batch
+  best, plans = planning.search(config, "v5e-16")      # fsdp x remat x scan x attention
 """
 
 from __future__ import annotations
