@@ -204,6 +204,22 @@ def _drop_late_callbacks_to_closed_loops() -> None:
     sys.unraisablehook = hook
 
 
+def saved_block_layout(manager) -> Optional[bool]:
+    """Whether the newest checkpoint's parameters have the scanned block layout (`blocks`,
+    True) or the looped one (`blocks_0` ..., False); None without a readable checkpoint."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(str(_step_dir(manager, step) / "state"))
+    except Exception:  # noqa: BLE001  (a damaged newest checkpoint: the restore reports it)
+        return None
+    params = getattr(metadata, "item_metadata", metadata).get("params", {})
+    if "blocks" in params:
+        return True
+    return False if "blocks_0" in params else None
+
+
 def _local_target(state_dir, where: str):
     """The saved tree as ShapeDtypeStructs on this process's first device: readers (sampling,
     tests) load a checkpoint whatever devices or processes wrote it."""

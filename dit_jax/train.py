@@ -183,6 +183,18 @@ def train_state_shardings(config, model: models.DiT, tx, mesh, init_params=None)
     return init, nn.meta.unbox(boxed), nn.meta.unbox(shardings)
 
 
+def in_block_layout(tree, model: models.DiT):
+    """Every parameter-shaped dict in `tree` (params, EMA, the optimizer's moments) in `model`'s
+    block layout (`models.params_in_layout`); everything else as it is."""
+
+    def is_params(x):
+        return isinstance(x, dict) and ("blocks" in x or "blocks_0" in x)
+
+    return jax.tree_util.tree_map(
+        lambda x: models.params_in_layout(x, model) if is_params(x) else x, tree, is_leaf=is_params
+    )
+
+
 def create_train_state(config, model: models.DiT, tx, mesh, manager):
     """The state to train from: restored from the newest checkpoint in `manager` that verifies
     (bad newer ones are set aside), else initialised (from config.model.init_checkpoint when
@@ -191,6 +203,26 @@ def create_train_state(config, model: models.DiT, tx, mesh, manager):
     if manager.latest_step() is None and config.model.init_checkpoint:
         init_params = weights.load_dit_params(config.model.init_checkpoint, model)
     init, abstract, state_sharding = train_state_shardings(config, model, tx, mesh, init_params)
+    saved = checkpoints.saved_block_layout(manager)
+    if saved is not None and saved != model.scan_blocks:
+        # Written with the other block layout (model.scan_blocks was switched): restore it as
+        # it was saved, then restack parameters, EMA and optimizer moments into this model's.
+        other = model.clone(scan_blocks=saved)
+        _, abstract_saved, sharding_saved = train_state_shardings(config, other, tx, mesh)
+        restored = checkpoints.restore_train_state(
+            manager, abstract_saved, sharding_saved, set_aside_bad=True
+        )
+        if restored is not None:
+            state, data_state, step = restored
+            state = jax.jit(lambda s: in_block_layout(s, model), out_shardings=state_sharding)(
+                state
+            )
+            print(
+                f"restored step {step} written with model.scan_blocks={saved}; its parameters, "
+                f"EMA and optimizer state are restacked for scan_blocks={model.scan_blocks}",
+                flush=True,
+            )
+            return state, state_sharding, data_state, step
     restored = checkpoints.restore_train_state(
         manager, abstract, state_sharding, set_aside_bad=True
     )

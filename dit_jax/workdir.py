@@ -131,7 +131,8 @@ def load_ema(workdir: str, step: Optional[int] = None):
             state, _ = checkpoints.restore_checkpoint(manager, step)
     finally:
         checkpoints.close_manager(manager)
-    return model, jax.device_get(state["ema_params"]), step, meta
+    # a run may have switched model.scan_blocks: the EMA in the layout of the run's config
+    return model, models.params_in_layout(jax.device_get(state["ema_params"]), model), step, meta
 
 
 def append_metrics(workdir: str, step: int, values: dict) -> None:

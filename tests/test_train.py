@@ -131,6 +131,29 @@ def test_scanned_blocks_train_like_looped_blocks(tmp_path):
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
 
 
+def test_resume_after_switching_scan_blocks(tmp_path):
+    """A run written with looped blocks resumes with scan_blocks=True (and back): parameters,
+    EMA and Adam moments restacked, training goes on as if nothing had changed."""
+    base = {"model.depth": 2}
+    full = train.train_and_evaluate(tiny_config(**base, num_train_steps=4), str(tmp_path / "full"))
+    split = str(tmp_path / "split")
+    train.train_and_evaluate(tiny_config(**base, num_train_steps=2), split)
+    scanned = train.train_and_evaluate(
+        tiny_config(**base, num_train_steps=3, **{"model.scan_blocks": True}), split
+    )
+    assert int(scanned.step) == 3 and "blocks" in scanned.params
+    looped = train.train_and_evaluate(tiny_config(**base, num_train_steps=4), split)
+    assert int(looped.step) == 4 and "blocks_1" in looped.params
+    np.testing.assert_allclose(losses(tmp_path / "full"), losses(split), rtol=1e-5)
+    for a, b in zip(
+        leaves(full.params) + leaves(full.ema_params) + leaves(full.opt_state),
+        leaves(looped.params) + leaves(looped.ema_params) + leaves(looped.opt_state),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    model, ema, step, _ = workdir_lib.load_ema(split)
+    assert step == 4 and "blocks_1" in ema and not model.scan_blocks
+
+
 def test_initialise_from_a_converted_checkpoint(tmp_path):
     config = tiny_config(**{"optimizer.learning_rate": 0.0, "num_train_steps": 1})
     meta = {"latent_shape": [16, 16, 1], "num_classes": 10}
