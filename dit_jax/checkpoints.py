@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -188,10 +189,27 @@ def _is_late_callback_to_closed_loop(args) -> bool:
     return "call_soon_threadsafe" in frames
 
 
+class _UnretrievedReadErrors(logging.Filter):
+    """Drops asyncio's 'exception was never retrieved' reports of Orbax shard reads that failed
+    in the same restore as the one reported (a gather of reads whose first failure was raised;
+    the others are logged, with tracebacks, whenever the garbage collector meets them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            "exception was never retrieved" in message
+            and "Encountered error while reading array index" in message
+        )
+
+
 def _drop_late_callbacks_to_closed_loops() -> None:
     """Installs (once) an unraisable-exception hook that drops `_is_late_callback_to_closed_loop`
-    reports, which would otherwise print dozens of harmless tracebacks after a failed restore.
-    Every other unraisable exception goes to the hook that was there before."""
+    reports, and an asyncio log filter that drops unretrieved read errors of the same failed
+    restore, which would otherwise print dozens of harmless tracebacks after it. Every other
+    unraisable exception goes to the hook that was there before; other asyncio logs pass."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedReadErrors) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedReadErrors())
     previous = sys.unraisablehook
     if getattr(previous, "_dit_jax_filter", False):
         return

@@ -44,6 +44,28 @@ def test_only_late_callbacks_to_a_closed_loop_are_silenced(monkeypatch):
     assert seen == [other_closed, other]
 
 
+def test_unretrieved_read_errors_of_a_failed_restore_are_not_logged():
+    import logging
+
+    checkpoints._drop_late_callbacks_to_closed_loops()
+    checkpoints._drop_late_callbacks_to_closed_loops()  # once, however often it is called
+    log = logging.getLogger("asyncio")
+    assert sum(isinstance(f, checkpoints._UnretrievedReadErrors) for f in log.filters) == 1
+
+    def passes(message):
+        return all(
+            f.filter(logging.LogRecord("asyncio", 40, "", 0, message, (), None))
+            for f in log.filters
+        )
+
+    assert not passes(
+        "_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished "
+        'exception=Exception("Encountered error while reading array index: (slice(0, 8, 1),)")>'
+    )
+    assert passes("Future exception was never retrieved\nfuture: <Future exception=ValueError()>")
+    assert passes("Task was destroyed but it is pending!")
+
+
 def test_shard_by_shard_digest_equals_the_whole_leafs():
     """The fingerprint of a leaf split over processes is the sum of its shards' digests at their
     global indices (replicas counted once): equal to the digest of the whole array, for sharded,
