@@ -122,6 +122,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot(rows: list[dict]) -> str:
+    """Models down, topologies across; each cell: estimated images/s per chip, estimated MFU,
+    peak GiB per chip (or 'does not fit')."""
+    topologies = list(dict.fromkeys(r["topology"] for r in rows))
+    cells = {(r["model"], r["topology"]): r for r in rows}
+    lines = [
+        "| model | " + " | ".join(topologies) + " |",
+        "|---|" + "---|" * len(topologies),
+    ]
+    for model in MODELS:
+        out = []
+        for t in topologies:
+            r = cells.get((model, t))
+            if r is None:
+                out.append("not run")
+            elif not r["fits"]:
+                out.append("does not fit")
+            else:
+                ips, mfu = r.get("estimated_images_per_second_per_device"), r.get("estimated_mfu")
+                peak = r["peak_bytes_per_device"] / 2**30
+                est = f"{ips:.0f} img/s, {mfu:.0%}" if ips and mfu else "no estimate"
+                out.append(f"{est}, {peak:.1f} GiB")
+        if any(c != "not run" for c in out):
+            lines.append(f"| {model} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -142,6 +169,7 @@ def main():
     )
     p.add_argument("--out", default="benchmarks/plan_table.jsonl")
     p.add_argument("--table_only", action="store_true")
+    p.add_argument("--pivot", action="store_true", help="models down, topologies across")
     args = p.parse_args()
     done = set()
     if os.path.exists(args.out):
@@ -168,7 +196,9 @@ def main():
                 )
     with open(args.out) as f:
         rows = [json.loads(line) for line in f]
-    print(table(rows))
+    topologies = list(dict.fromkeys(r["topology"] for r in rows))
+    rows.sort(key=lambda r: (MODELS.index(r["model"]), topologies.index(r["topology"])))
+    print(pivot(rows) if args.pivot else table(rows))
 
 
 if __name__ == "__main__":
