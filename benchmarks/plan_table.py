@@ -21,7 +21,6 @@ bound on GPU.
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.metadata
 import json
 import os
@@ -59,10 +58,8 @@ def cell(model: str, topology: str, args) -> dict:
         tried = len(plans)
     else:
         n = planning.parse_topology(topology).num_devices
-        fixed = {}
-        for item in args.plan.split(",") if args.plan else []:
-            key, value = item.split("=")
-            fixed[key] = n if value == "all" else _value(value)
+        fixed = planning.parse_overrides(args.plan.split(",") if args.plan else [])
+        fixed = {k: n if v == "all" else v for k, v in fixed.items()}
         plan, tried = planning.plan_train(planning.with_overrides(config, fixed), topology), 1
     row = plan.to_json()
     row.update(
@@ -74,13 +71,6 @@ def cell(model: str, topology: str, args) -> dict:
         cuda_plugin=_version("jax-cuda12-plugin"),
     )
     return row
-
-
-def _value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def _version(package: str) -> str:

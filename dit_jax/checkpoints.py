@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from dit_jax import models
 from dit_jax.state_dicts import CheckpointError
 
 
@@ -232,10 +233,7 @@ def saved_block_layout(manager) -> Optional[bool]:
         metadata = ocp.StandardCheckpointer().metadata(str(_step_dir(manager, step) / "state"))
     except Exception:  # noqa: BLE001  (a damaged newest checkpoint: the restore reports it)
         return None
-    params = getattr(metadata, "item_metadata", metadata).get("params", {})
-    if "blocks" in params:
-        return True
-    return False if "blocks_0" in params else None
+    return models.block_layout(getattr(metadata, "item_metadata", metadata).get("params", {}))
 
 
 def _local_target(state_dir, where: str):

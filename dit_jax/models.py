@@ -663,6 +663,14 @@ def abstract_params(model: DiT) -> dict:
     return nn.meta.unbox(shapes["params"])
 
 
+def block_layout(params) -> Optional[bool]:
+    """Whether a parameter tree (or its metadata) has scanned blocks ('blocks', True), looped
+    ones ('blocks_0' ..., False), or neither (None)."""
+    if "blocks" in params:
+        return True
+    return False if "blocks_0" in params else None
+
+
 def params_in_layout(params: dict, model: DiT) -> dict:
     """`params` (either layout) in `model`'s block layout: blocks_0 .. blocks_{depth-1} for a
     looped model, one 'blocks' tree with a leading [depth] axis for `scan_blocks`. The other

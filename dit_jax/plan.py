@@ -18,7 +18,6 @@ policy) x looped/scanned blocks x attention (x per-chip batch when --batch is no
 keeps what fits, ranks by estimated throughput and prints the winner as --config.* overrides.
 """
 
-import ast
 import json
 import sys
 
@@ -75,16 +74,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.
 
 def apply_sets(config, items):
     """key=value overrides (values read as Python literals, else strings)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. model.remat=True.")
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass
-        overrides[key.strip().removeprefix("config.")] = value
+    overrides = planning.parse_overrides(items)
     try:
         return planning.with_overrides(config, overrides)
     except (KeyError, AttributeError) as e:

@@ -22,6 +22,7 @@ figures are the compiler's buffer assignment for one chip.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import importlib.util
@@ -286,8 +287,9 @@ def _gpu_devices(topology: str, target_config: str):
 def _find_ptxas() -> Optional[str]:
     """ptxas on PATH, else the one the nvidia-cuda-nvcc-cu12 wheel ships (added to PATH, where
     XLA looks for it)."""
-    if shutil.which("ptxas"):
-        return shutil.which("ptxas")
+    found = shutil.which("ptxas")
+    if found:
+        return found
     spec = importlib.util.find_spec("nvidia.cuda_nvcc") if _has_module("nvidia") else None
     for root in (spec.submodule_search_locations or []) if spec else []:
         path = os.path.join(root, "bin", "ptxas")
@@ -482,7 +484,7 @@ class Plan:
     available_bytes: Optional[float] = None
     flops_xla: Optional[float] = None  # XLA's cost analysis, per chip
     flops_counter: Optional[float] = None  # 3 x forward (dit_jax.flops), 2 per multiply-add
-    estimated_step_seconds: Optional[float] = None  # XLA's cost-model estimate
+    estimated_step_seconds: Optional[float] = None  # an estimate; `estimate` says which
     estimate: str = ""  # how estimated_step_seconds was obtained
     collectives: dict = dataclasses.field(default_factory=dict)
     compile_seconds: float = 0.0
@@ -630,14 +632,8 @@ def plan_train(
         mesh={k: int(v) for k, v in batch_sharding.mesh.shape.items()},
         flops_counter=3 * 2 * flops.forward_flops(model) * b / len(devices),
     )
-    if (
-        topo.platform == "cuda"
-        and models.attention_implementation(
-            None if config.model.attention == "auto" else config.model.attention, "gpu"
-        )
-        == "cudnn"
-        and model.dtype != jnp.float32
-    ):
+    cudnn = models.attention_implementation(model.attention, "gpu") == "cudnn"
+    if topo.platform == "cuda" and cudnn and model.dtype != jnp.float32:
         plan.notes.append(
             "attention compiled with XLA: cuDNN flash attention (what 'auto' runs on a GPU) "
             "cannot be compiled without a GPU; XLA's attention holds the [N, heads, T, T] "
@@ -659,9 +655,12 @@ def plan_train(
     plan.compile_seconds = time.perf_counter() - start
     plan.fits = True
     plan.memory = _memory(compiled)
-    cost = _cost(compiled, topo)
-    if model.scan_blocks:
-        cost = _looped_cost(config, topo, devices, model.depth)
+    # XLA counts a scan's body once: a scanned plan's cost comes from the looped program
+    cost = (
+        _looped_cost(config, topo, devices, model.depth)
+        if model.scan_blocks
+        else _cost(compiled, topo)
+    )
     plan.estimate = cost["kind"] if cost["seconds"] else ""
     plan.flops_xla, plan.estimated_step_seconds = cost["flops"], cost["seconds"]
     plan.collectives = collective_counts(compiled.as_text())
@@ -772,8 +771,8 @@ def plan_overrides(config) -> dict:
         "mesh.fsdp": config.mesh.fsdp,
         "mesh.data": config.mesh.data,
         "model.remat": m.remat,
-        "model.remat_policy": m.get("remat_policy", "nothing"),
-        "model.scan_blocks": m.get("scan_blocks", False),
+        "model.remat_policy": m.remat_policy,
+        "model.scan_blocks": m.scan_blocks,
         "batch_size": config.batch_size,
         "model.attention": m.attention,
     }
@@ -825,6 +824,22 @@ def candidates(
             }
         )
     return out
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """['model.remat=True', 'mesh.fsdp=8'] -> {dotted key: value}, values read as Python
+    literals, else kept as strings. ValueError for an item without '='."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. model.remat=True.")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+        overrides[key.strip().removeprefix("config.")] = value
+    return overrides
 
 
 def with_overrides(config, overrides: dict):

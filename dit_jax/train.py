@@ -188,7 +188,7 @@ def in_block_layout(tree, model: models.DiT):
     block layout (`models.params_in_layout`); everything else as it is."""
 
     def is_params(x):
-        return isinstance(x, dict) and ("blocks" in x or "blocks_0" in x)
+        return isinstance(x, dict) and models.block_layout(x) is not None
 
     return jax.tree_util.tree_map(
         lambda x: models.params_in_layout(x, model) if is_params(x) else x, tree, is_leaf=is_params
@@ -204,16 +204,17 @@ def create_train_state(config, model: models.DiT, tx, mesh, manager):
         init_params = weights.load_dit_params(config.model.init_checkpoint, model)
     init, abstract, state_sharding = train_state_shardings(config, model, tx, mesh, init_params)
     saved = checkpoints.saved_block_layout(manager)
-    if saved is not None and saved != model.scan_blocks:
-        # Written with the other block layout (model.scan_blocks was switched): restore it as
-        # it was saved, then restack parameters, EMA and optimizer moments into this model's.
+    relayout = saved is not None and saved != model.scan_blocks
+    restore_abstract, restore_sharding = abstract, state_sharding
+    if relayout:  # written with the other block layout: restore it as it was saved
         other = model.clone(scan_blocks=saved)
-        _, abstract_saved, sharding_saved = train_state_shardings(config, other, tx, mesh)
-        restored = checkpoints.restore_train_state(
-            manager, abstract_saved, sharding_saved, set_aside_bad=True
-        )
-        if restored is not None:
-            state, data_state, step = restored
+        _, restore_abstract, restore_sharding = train_state_shardings(config, other, tx, mesh)
+    restored = checkpoints.restore_train_state(
+        manager, restore_abstract, restore_sharding, set_aside_bad=True
+    )
+    if restored is not None:
+        state, data_state, step = restored
+        if relayout:  # restack parameters, EMA and optimizer moments into this model's layout
             state = jax.jit(lambda s: in_block_layout(s, model), out_shardings=state_sharding)(
                 state
             )
@@ -222,12 +223,6 @@ def create_train_state(config, model: models.DiT, tx, mesh, manager):
                 f"EMA and optimizer state are restacked for scan_blocks={model.scan_blocks}",
                 flush=True,
             )
-            return state, state_sharding, data_state, step
-    restored = checkpoints.restore_train_state(
-        manager, abstract, state_sharding, set_aside_bad=True
-    )
-    if restored is not None:
-        state, data_state, step = restored
         return state, state_sharding, data_state, step
     state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(
         jax.random.PRNGKey(config.seed)
